@@ -1,0 +1,168 @@
+"""The configuration of one `edgetrain fit` run: a frozen dataclass, one docstring per field.
+
+The CLI builds a :class:`FitConfig` from its flags and calls :func:`FitConfig.validate`, which
+collects every problem at once and names the flag to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgetrain.errors import UserInputError
+
+METHODS = ("trgl", "vanilla", "e2e")
+MODES = ("sequential", "parallel")
+CACHE_MODES = ("disk", "none")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    dataset: str = "fashion-mnist-mini"
+    """Dataset name from the registry (`edgetrain.data.DATASET_NAMES`)."""
+    data_dir: Path | None = None
+    """Where dataset files live (default: $EDGETRAIN_DATA_DIR or ~/.cache/edgetrain/data)."""
+    download: bool = False
+    """Let torchvision download the dataset into data_dir if it is missing."""
+    image_size: int | None = None
+    """Side of the square input images (imagefolder only; others use their native size)."""
+    train_limit: int | None = None
+    """Train on a class-balanced subset of this many training images (smoke runs)."""
+    test_limit: int | None = None
+    """Evaluate on a class-balanced subset of this many test images."""
+
+    model: str = "resnet20"
+    """CIFAR ResNet depth: resnet8/14/20/32/44/56/110."""
+    widths: tuple[int, ...] = (16, 32, 64)
+    """Channels of each stage."""
+    modules: int = 4
+    """K, the number of modules the network is split into (1 <= K <= number of blocks)."""
+    split: str = "even"
+    """How blocks are shared among modules: even (same count) or balanced (same memory)."""
+
+    method: str = "trgl"
+    """trgl (transport-regularised greedy), vanilla (greedy, tau = inf) or e2e (baseline)."""
+    mode: str = "sequential"
+    """sequential: one module at a time, frozen outputs cached; parallel: all modules per batch,
+    each on the detached output of the one before."""
+    epochs: int = 5
+    """Epochs per module (sequential), or for the whole network (parallel, e2e)."""
+    batch_size: int = 128
+    """Mini-batch size."""
+    lr: float = 0.05
+    """Peak learning rate of SGD (momentum 0.9), cosine-annealed over each module's epochs."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy."""
+    tau: float = 1.0
+    """Transport step size: the penalty weight is 1/(2 tau). Ignored unless method is trgl."""
+    tau_schedule: str = "halved"
+    """halved: tau/2 for the first half of the modules, tau after (the authors'); constant."""
+
+    cache: str = "disk"
+    """disk: cache frozen outputs on disk (sequential mode); none: recompute frozen modules on
+    every batch, as the authors' code does, which keeps fresh augmentation for every module."""
+    cache_dtype: str = "float32"
+    """Storage type of cached features: float32, float16 or bfloat16."""
+    cache_views: int = 1
+    """Views of the training set cached per module: view 0 is un-augmented, views 1.. are
+    random augmentations; epoch e reads view e mod cache_views."""
+
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda if available)."""
+    seed: int = 0
+    """Seed for weights, data order and augmentation."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice)."""
+    out: Path = Path("runs/latest")
+    """Run directory: config, metrics log, weights, cache, report."""
+    overwrite: bool = False
+    """Replace an existing run in `out`."""
+    memory_budget: int | None = None
+    """Memory budget in bytes (recorded; enforced by the planner)."""
+    memory_budget_text: str | None = None
+    """The budget as the user wrote it."""
+    eval_every_epoch: bool = True
+    """Evaluate each module's auxiliary test accuracy after every epoch (else only at the end)."""
+    extra: dict = field(default_factory=dict)
+    """Free-form fields tools may record (not used by training)."""
+
+    def validate(self) -> FitConfig:
+        """Check every field a user sets; raise one UserInputError listing all problems."""
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"--method {self.method!r} is not known; choose one of "
+                            f"{', '.join(METHODS)}.")
+        if self.mode not in MODES:
+            problems.append(f"--mode {self.mode!r} is not known; choose one of {', '.join(MODES)}.")
+        if self.cache not in CACHE_MODES:
+            problems.append(f"--cache {self.cache!r} is not known; choose one of "
+                            f"{', '.join(CACHE_MODES)}.")
+        if self.device not in DEVICES:
+            problems.append(f"--device {self.device!r} is not known; choose one of "
+                            f"{', '.join(DEVICES)}.")
+        from edgetrain.cache import CACHE_DTYPES
+
+        if self.cache_dtype not in CACHE_DTYPES:
+            problems.append(f"--cache-dtype {self.cache_dtype!r} is not known; choose one of "
+                            f"{', '.join(CACHE_DTYPES)}.")
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
+                            ("--modules", self.modules), ("--cache-views", self.cache_views)):
+            if value < 1:
+                problems.append(f"{flag} must be at least 1 (got {value}).")
+        for flag, value in (("--lr", self.lr), ("--tau", self.tau)):
+            if not (value > 0) or math.isnan(value):
+                problems.append(f"{flag} must be a positive number (got {value}).")
+        if not 0 <= self.label_smoothing < 1:
+            problems.append(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing}).")
+        if self.momentum < 0 or self.weight_decay < 0:
+            problems.append("--momentum and --weight-decay must not be negative.")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"--threads must be at least 1 (got {self.threads}).")
+        if problems:
+            raise UserInputError(problems)
+        return self
+
+    def resolved(self) -> FitConfig:
+        """The config as the run will use it: the cache only applies to sequential greedy
+        training, and tau only to TRGL."""
+        changes: dict = {}
+        if self.method == "e2e" or self.mode == "parallel":
+            changes["cache"] = "none"
+        if self.method == "vanilla":
+            changes["tau"] = math.inf
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for key, value in data.items():
+            if isinstance(value, Path):
+                data[key] = str(value)
+            elif isinstance(value, float) and math.isinf(value):
+                data[key] = "inf"
+            elif isinstance(value, tuple):
+                data[key] = list(value)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FitConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        for key in ("data_dir", "out"):
+            if data.get(key) is not None:
+                data[key] = Path(data[key])
+        if data.get("tau") == "inf":
+            data["tau"] = math.inf
+        if "widths" in data:
+            data["widths"] = tuple(data["widths"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

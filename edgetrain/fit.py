@@ -1,0 +1,109 @@
+"""`fit`: one training run from a config to a run folder with weights and a report."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+from edgetrain.config import FitConfig
+from edgetrain.data import load_dataset
+from edgetrain.errors import UserInputError
+from edgetrain.memory.meter import MemoryMeter, current_rss_bytes
+from edgetrain.models.resnet import resnet_spec
+from edgetrain.models.split import split_network
+from edgetrain.runs.files import save_weights, write_json_atomic
+from edgetrain.runs.progress import ProgressBars
+from edgetrain.runs.rundir import prepare_run_dir
+from edgetrain.training import scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserInputError(
+            "--device cuda was asked for, but this torch sees no CUDA device "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False). "
+            "Use --device cpu, or install a CUDA build of torch on a machine with a GPU."
+        )
+    return torch.device(name)
+
+
+def fit(config: FitConfig, progress: bool = False) -> dict:
+    """Train as ``config`` says; write everything to ``config.out``; return the report."""
+    # Framework baseline: what the process holds before any data or model exists (torch,
+    # its libraries, Python). Reported apart from training memory.
+    framework_bytes = current_rss_bytes()
+    config = config.validate().resolved()
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size,
+                        config.train_limit, config.test_limit, config.seed)
+    spec = resnet_spec(config.model, data.info.in_channels, config.widths)
+    plans = split_network(spec, config.modules, data.info.image_size, config.split)
+    run = prepare_run_dir(config.out, config.to_json(), config.overwrite)
+    write_json_atomic(run.model_info_path, {
+        "architecture": "cifar-resnet", "model": config.model, "widths": list(config.widths),
+        "in_channels": data.info.in_channels, "num_classes": data.info.num_classes,
+        "image_size": data.info.image_size, "mean": list(data.info.mean),
+        "std": list(data.info.std), "dataset": data.info.name,
+        "modules": [[p.start, p.stop] for p in plans],
+    })
+    meter = MemoryMeter(device)
+    ctx = scheduler.Context(config, data, spec, plans, scheduler.tau_for(config), device, run,
+                            meter, ProgressBars(progress))
+    run.log("start", device=str(device), memory_backend=meter.backend,
+            framework_baseline_bytes=framework_bytes)
+
+    start = time.perf_counter()
+    with ctx.bars:
+        if config.method == "e2e":
+            modules: list[dict] = []
+            network = scheduler.train_end_to_end(ctx)
+            train_peak = meter.read().peak_bytes
+        else:
+            train = (scheduler.train_parallel if config.mode == "parallel"
+                     else scheduler.train_sequential)
+            modules = train(ctx)
+            train_peak = max(m["train_peak_memory_bytes"] for m in modules)
+            network = scheduler.stitch(ctx)
+        meter.reset()
+        accuracy = scheduler.test_accuracy(ctx, network)
+        eval_peak = meter.read().peak_bytes
+    wall = time.perf_counter() - start
+    save_weights(run.model_path, network.state_dict(), {"format": "edgetrain-stitched-v1"})
+
+    cache_peaks = [m["cache_peak_memory_bytes"] for m in modules
+                   if m.get("cache_peak_memory_bytes") is not None]
+    report = {
+        "test_accuracy": accuracy,
+        "modules": modules,
+        "wall_time_s": round(wall, 3),
+        "peak_memory_bytes": max([train_peak, eval_peak, *cache_peaks]),
+        "train_peak_memory_bytes": train_peak,
+        "eval_peak_memory_bytes": eval_peak,
+        "framework_baseline_bytes": framework_bytes,
+        "memory_backend": meter.backend,
+        "memory_measured": meter.description,
+        "memory_budget_bytes": config.memory_budget,
+        "method": config.method, "mode": config.mode, "cache": config.cache,
+        "cache_dtype": config.cache_dtype, "cache_views": config.cache_views,
+        "dataset": config.dataset, "model": config.model, "num_modules": config.modules,
+        "epochs": config.epochs, "batch_size": config.batch_size, "seed": config.seed,
+        "num_parameters": sum(p.numel() for p in network.parameters()),
+        "train_samples": len(data.train), "test_samples": len(data.test),
+        "device": str(device), "device_name": _device_name(device),
+        "torch_version": torch.__version__,
+    }
+    run.write_report(report)
+    run.log("done", test_accuracy=accuracy, wall_time_s=report["wall_time_s"])
+    return report
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()

@@ -1,0 +1,115 @@
+"""Measure peak memory per phase, and say what was measured.
+
+Backends:
+
+* ``cuda``: the caching allocator's peak (``torch.cuda.max_memory_allocated``, reset per
+  phase) and its reserved memory. Kernels' workspaces outside the allocator (cuDNN, cuBLAS
+  handles) are not in it.
+* ``linux-vmhwm``: the process's peak resident set (VmHWM in /proc/self/status), reset per
+  phase by writing ``5`` to /proc/self/clear_refs. Exact, no sampling. Used on the CPU and on
+  unified-memory devices (Jetson), where the GPU allocates from the same RAM.
+* ``psutil-sampling``: elsewhere, a thread samples the resident set every ``interval_s``; a
+  spike shorter than the interval can be missed.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _read_status_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def current_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def _vmhwm_resettable() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return _read_status_kib("VmHWM") is not None
+
+
+@dataclass(frozen=True)
+class PeakReading:
+    peak_bytes: int
+    backend: str
+
+
+class MemoryMeter:
+    """Peak memory of the phase since the last :meth:`reset`.
+
+    >>> meter = MemoryMeter(torch.device("cpu"))
+    >>> meter.reset()
+    >>> meter.read().peak_bytes > 0
+    True
+    """
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device = device
+        self.interval_s = interval_s
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._sampled_peak = 0
+        if device.type == "cuda" and not torch.cuda.get_device_properties(device).is_integrated:
+            self.backend = "cuda"
+        elif _vmhwm_resettable():
+            self.backend = "linux-vmhwm"
+        else:
+            self.backend = "psutil-sampling"
+
+    @property
+    def description(self) -> str:
+        return {
+            "cuda": "CUDA caching allocator peak (torch.cuda.max_memory_allocated), per phase",
+            "linux-vmhwm": "process peak resident set (VmHWM), reset per phase via clear_refs",
+            "psutil-sampling": f"process resident set sampled every {self.interval_s * 1e3:g} ms",
+        }[self.backend]
+
+    def reset(self) -> None:
+        if self.backend == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.backend == "linux-vmhwm":
+            _CLEAR_REFS.write_text("5")
+        else:
+            self._stop_sampler()
+            self._sampled_peak = current_rss_bytes()
+            self._stop.clear()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+
+    def read(self) -> PeakReading:
+        if self.backend == "cuda":
+            torch.cuda.synchronize(self.device)
+            return PeakReading(torch.cuda.max_memory_allocated(self.device), self.backend)
+        if self.backend == "linux-vmhwm":
+            return PeakReading(_read_status_kib("VmHWM") or current_rss_bytes(), self.backend)
+        return PeakReading(max(self._sampled_peak, current_rss_bytes()), self.backend)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sampled_peak = max(self._sampled_peak, current_rss_bytes())
+
+    def _stop_sampler(self) -> None:
+        if self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+            self._sampler = None

@@ -1,0 +1,47 @@
+"""Build one module (and its head) on its own, and stitch trained modules into one network."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgetrain.models.heads import AuxHead
+from edgetrain.models.resnet import ResNetModule, ResNetSpec, init_weights
+from edgetrain.models.split import ModulePlan
+
+
+def build_module(spec: ResNetSpec, plan: ModulePlan) -> ResNetModule:
+    """Only this module's blocks are instantiated: nothing else of the network is allocated."""
+    stem = (spec.in_channels, spec.stem_channels) if plan.has_stem else None
+    module = ResNetModule(list(spec.blocks[plan.start:plan.stop]), stem=stem)
+    init_weights(module)
+    return module
+
+
+def build_head(plan: ModulePlan, num_classes: int) -> AuxHead:
+    head = AuxHead(plan.out_channels, num_classes)
+    init_weights(head)
+    return head
+
+
+class StitchedNetwork(nn.Module):
+    """The trained modules in order, then the last module's head: ``x -> logits``.
+
+    This is the network users evaluate, export and deploy; the auxiliary heads of the other
+    modules are training scaffolding and are not part of it.
+    """
+
+    def __init__(self, modules: list[ResNetModule], head: AuxHead):
+        super().__init__()
+        self.stages = nn.ModuleList(modules)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x, _ = stage(x, need_transport=False)
+        return self.head(x)
+
+
+def build_network(spec: ResNetSpec, plans: list[ModulePlan], num_classes: int) -> StitchedNetwork:
+    return StitchedNetwork([build_module(spec, p) for p in plans],
+                           build_head(plans[-1], num_classes))

@@ -1,0 +1,157 @@
+"""CIFAR-style ResNets (He et al. 2016, section 4.2) built from basic blocks.
+
+Every block returns its residual-branch output ``r`` beside its output, because TRGL's transport
+regulariser penalises ``mean(r ** 2)`` (../METHOD.md: after the branch's last BatchNorm, before
+the skip addition and the final ReLU). The network is described as a flat list of
+:class:`BlockSpec` so a module made of any contiguous run of blocks can be built on its own,
+without ever instantiating the rest of the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetrain.errors import UserInputError
+
+# depth = 6n + 2 for three stages of n basic blocks (stem conv + 2 convs per block + classifier).
+RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44,
+                 "resnet56": 56, "resnet110": 110}
+DEFAULT_WIDTHS = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One residual block: channels in and out, and the stride of its first conv."""
+
+    in_channels: int
+    out_channels: int
+    stride: int
+
+    def output_size(self, input_size: int) -> int:
+        return (input_size + self.stride - 1) // self.stride
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """A whole network: the stem and the flat list of blocks that modules are cut from."""
+
+    name: str
+    in_channels: int
+    stem_channels: int
+    blocks: tuple[BlockSpec, ...]
+
+    @property
+    def out_channels(self) -> int:
+        return self.blocks[-1].out_channels
+
+
+def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = None) -> ResNetSpec:
+    """The block list of a CIFAR ResNet: ``resnet20`` has 3 stages of 3 blocks (9 blocks).
+
+    >>> spec = resnet_spec("resnet20", in_channels=3)
+    >>> len(spec.blocks), spec.blocks[3]
+    (9, BlockSpec(in_channels=16, out_channels=32, stride=2))
+    >>> len(resnet_spec("resnet110", 3).blocks)
+    54
+    """
+    if name not in RESNET_DEPTHS:
+        raise UserInputError(
+            f"--model {name!r} is not a known model; choose one of {', '.join(RESNET_DEPTHS)}."
+        )
+    widths = tuple(widths or DEFAULT_WIDTHS)
+    if not widths or any(w < 1 for w in widths):
+        raise UserInputError(f"--widths {widths} must be positive integers, e.g. 16,32,64.")
+    per_stage = (RESNET_DEPTHS[name] - 2) // 6
+    blocks: list[BlockSpec] = []
+    channels = widths[0]
+    for stage, width in enumerate(widths):
+        for i in range(per_stage):
+            stride = 2 if (stage > 0 and i == 0) else 1
+            blocks.append(BlockSpec(channels, width, stride))
+            channels = width
+    return ResNetSpec(name=name, in_channels=in_channels, stem_channels=widths[0],
+                      blocks=tuple(blocks))
+
+
+class Stem(nn.Module):
+    """conv3x3 -> BN -> ReLU. Sits in module 1 and is not penalised by the regulariser."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a skip; returns ``(relu(shortcut(x) + r), r)``.
+
+    Downsampling blocks use a 1x1 conv + BN shortcut (option B of He et al.), penalised like the
+    others.
+    """
+
+    def __init__(self, spec: BlockSpec):
+        super().__init__()
+        self.conv1 = nn.Conv2d(spec.in_channels, spec.out_channels, 3, stride=spec.stride,
+                               padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(spec.out_channels)
+        self.conv2 = nn.Conv2d(spec.out_channels, spec.out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(spec.out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if spec.stride != 1 or spec.in_channels != spec.out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(spec.in_channels, spec.out_channels, 1, stride=spec.stride, bias=False),
+                nn.BatchNorm2d(spec.out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(self.shortcut(x) + r), r
+
+
+class ResNetModule(nn.Module):
+    """A contiguous run of blocks (plus the stem if it is the first module).
+
+    ``forward`` returns ``(output, transport)`` where ``transport`` is the sum over this module's
+    blocks of the per-element mean of the squared residue, i.e. the kinetic energy that TRGL
+    penalises. Computing ``mean(r ** 2)`` keeps ``r`` alive for backward: one extra activation
+    per block, the price of the regulariser. With ``need_transport=False`` (vanilla greedy,
+    inference, caching) nothing extra is kept.
+    """
+
+    def __init__(self, blocks: list[BlockSpec], stem: tuple[int, int] | None = None):
+        super().__init__()
+        self.stem = Stem(*stem) if stem is not None else None
+        self.blocks = nn.ModuleList(BasicBlock(b) for b in blocks)
+        self.out_channels = blocks[-1].out_channels
+
+    def forward(self, x: torch.Tensor, need_transport: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stem is not None:
+            x = self.stem(x)
+        transport = x.new_zeros(())
+        for block in self.blocks:
+            x, r = block(x)
+            if need_transport:
+                transport = transport + r.pow(2).mean()
+            del r  # drop our reference; autograd keeps r only if the penalty needs it
+        return x, transport
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming init for convs, unit BN, zero bias: the usual CIFAR ResNet start."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.01)
+            nn.init.zeros_(m.bias)

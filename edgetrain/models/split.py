@@ -1,0 +1,127 @@
+"""Cut a network's block list into K contiguous modules.
+
+Two strategies:
+
+* ``even``: the same number of blocks per module (ResNet-110, K=4: 14|14|13|13).
+* ``balanced``: even out each module's *activation memory*, the cost that module-wise training
+  exists to cut. A block's activations scale with its output size C*H*W; early blocks work at
+  full resolution, so they cost more and balanced splits give later modules more blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+from edgetrain.errors import UserInputError
+from edgetrain.models.resnet import ResNetSpec
+
+SPLIT_STRATEGIES = ("even", "balanced")
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """Module ``index`` (0-based) holds blocks ``[start, stop)``; module 0 also holds the stem."""
+
+    index: int
+    start: int
+    stop: int
+    in_channels: int
+    out_channels: int
+    in_size: int
+    out_size: int
+
+    @property
+    def has_stem(self) -> bool:
+        return self.index == 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.stop - self.start
+
+
+def even_sizes(n: int, k: int) -> list[int]:
+    """The same number of blocks per module, the first ones taking the remainder.
+
+    >>> even_sizes(54, 4)
+    [14, 14, 13, 13]
+    """
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def balanced_sizes(costs: list[float], k: int) -> list[int]:
+    """Contiguous partition of ``costs`` into ``k`` non-empty parts minimising the largest sum.
+
+    Exact dynamic programme, O(k n^2): n is at most a few hundred blocks.
+
+    >>> balanced_sizes([4, 4, 2, 2, 1, 1, 1, 1], 2)
+    [2, 6]
+    """
+    n = len(costs)
+    prefix = [0.0, *accumulate(costs)]
+    inf = float("inf")
+    # best[j][i]: smallest achievable max-part cost for the first i items in j parts.
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, n + 1):
+            for s in range(j - 1, i):
+                value = max(best[j - 1][s], prefix[i] - prefix[s])
+                if value < best[j][i]:
+                    best[j][i], cut[j][i] = value, s
+    sizes, i = [], n
+    for j in range(k, 0, -1):
+        s = cut[j][i]
+        sizes.append(i - s)
+        i = s
+    return sizes[::-1]
+
+
+def block_costs(spec: ResNetSpec, image_size: int) -> list[float]:
+    """Per-sample activation elements of each block (the stem's are charged to block 0)."""
+    costs, size = [], image_size
+    for i, block in enumerate(spec.blocks):
+        size = block.output_size(size)
+        cost = float(block.out_channels * size * size)
+        if i == 0:
+            cost += spec.stem_channels * image_size * image_size
+        costs.append(cost)
+    return costs
+
+
+def split_network(spec: ResNetSpec, num_modules: int, image_size: int,
+                  strategy: str = "even") -> list[ModulePlan]:
+    """Plan the K modules of ``spec``.
+
+    >>> from edgetrain.models.resnet import resnet_spec
+    >>> [p.num_blocks for p in split_network(resnet_spec("resnet110", 3), 4, 32)]
+    [14, 14, 13, 13]
+    >>> [p.num_blocks for p in split_network(resnet_spec("resnet110", 3), 4, 32, "balanced")]
+    [7, 8, 13, 26]
+    """
+    n = len(spec.blocks)
+    if not 1 <= num_modules <= n:
+        raise UserInputError(
+            f"--modules {num_modules} is out of range: {spec.name} has {n} residual blocks, "
+            f"so K must be between 1 and {n}."
+        )
+    if strategy == "even":
+        sizes = even_sizes(n, num_modules)
+    elif strategy == "balanced":
+        sizes = balanced_sizes(block_costs(spec, image_size), num_modules)
+    else:
+        raise UserInputError(
+            f"--split {strategy!r} is not known; choose one of {', '.join(SPLIT_STRATEGIES)}."
+        )
+    plans, start, size = [], 0, image_size
+    for index, count in enumerate(sizes):
+        blocks = spec.blocks[start:start + count]
+        in_channels = spec.in_channels if index == 0 else blocks[0].in_channels
+        in_size = size
+        for block in blocks:
+            size = block.output_size(size)
+        plans.append(ModulePlan(index, start, start + count, in_channels,
+                                blocks[-1].out_channels, in_size, size))
+        start += count
+    return plans

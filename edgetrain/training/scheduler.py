@@ -1,0 +1,408 @@
+"""The scheduler: train a network module by module (TRGL), or end to end as the baseline.
+
+Sequential mode, the heart of edgetrain::
+
+    for k in 1..K:
+        load module k and its head onto the device      # nothing else of the network
+        for epoch in 1..E:
+            for x, y in inputs_k(epoch):                   # raw data for k = 1, else cache k-1
+                loss = CE(head_k(T_k(x)), y) + 1/(2 tau_k) * sum_b mean(r_b^2)
+                backward, step                             # peak memory: module k's activations
+        freeze module k                                    # eval mode, BN frozen, no grads
+        write T_k(train views), T_k(test) to cache k       # on disk, in chunks
+        save module k's weights; free module k, its head, its optimizer, cache k-1
+    stitch modules 1..K + head K; evaluate it on the raw test set
+
+With ``--cache none`` module k instead recomputes frozen modules 1..k-1 on every batch (the
+authors' way), which keeps fresh augmentation for every module at the price of compute and of
+keeping the frozen weights in memory.
+
+Parallel mode: every batch flows through all modules; module k takes its own backward and
+optimizer step on the detached output of module k-1, so only one module's activations are
+alive at a time, but all weights and optimizer states are.
+
+End to end (``--method e2e``): the same stitched network, the same data, batch size, epochs and
+optimiser, trained with backpropagation through everything: the baseline every report compares
+with.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgetrain.cache import CacheWriter, FeatureCache
+from edgetrain.config import FitConfig
+from edgetrain.data import DataBundle, augment_batch, iterate_batches, normalize
+from edgetrain.memory.meter import MemoryMeter
+from edgetrain.models.network import StitchedNetwork, build_head, build_module, build_network
+from edgetrain.models.resnet import ResNetSpec
+from edgetrain.models.split import ModulePlan
+from edgetrain.runs.files import load_weights, save_weights
+from edgetrain.runs.progress import ProgressBars
+from edgetrain.runs.rundir import RunDir
+from edgetrain.training.steps import (EpochStats, NonFiniteLossError, accumulate, evaluate,
+                                      freeze, greedy_step, make_optimizer, set_train)
+from edgetrain.training.transport import module_loss, tau_schedule
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Context:
+    """What every phase of one run needs; built once by :func:`fit`."""
+
+    config: FitConfig
+    data: DataBundle
+    spec: ResNetSpec
+    plans: list[ModulePlan]
+    taus: list[float]
+    device: torch.device
+    run: RunDir
+    meter: MemoryMeter
+    bars: ProgressBars
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.info.num_classes
+
+    def generator(self, *salt: int) -> torch.Generator:
+        """A CPU generator seeded from the run's seed and ``salt``: reproducible, independent
+        streams for data order and augmentation of each module and epoch."""
+        g = torch.Generator()
+        g.manual_seed(hash((self.config.seed, *salt)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+def raw_batches(ctx: Context, train: bool, shuffle: bool, augment_seed: int | None,
+                order_seed: int = 0) -> Batches:
+    """Raw images as normalised float batches on the device, augmented if ``augment_seed``."""
+    dataset = ctx.data.train if train else ctx.data.test
+    info = ctx.data.info
+    order = ctx.generator(1, order_seed) if shuffle else None
+    aug = ctx.generator(2, augment_seed) if augment_seed is not None else None
+    for images, labels in iterate_batches(dataset, ctx.config.batch_size, shuffle, order):
+        images = images.to(ctx.device, non_blocking=True)
+        if aug is not None:
+            images = augment_batch(images, info.crop_padding, info.hflip, aug)
+        yield normalize(images, info), labels.to(ctx.device, non_blocking=True)
+
+
+def cached_batches(ctx: Context, directory, shuffle: bool, order_seed: int = 0) -> Batches:
+    """Batches of a module's cached outputs, read from disk a batch at a time."""
+    order = ctx.generator(3, order_seed) if shuffle else None
+    with FeatureCache.open(directory, verify=False) as cache:
+        for features, labels in cache.batches(ctx.config.batch_size, shuffle, order):
+            # Features are stored in --cache-dtype; compute runs in float32.
+            yield (features.to(ctx.device, torch.float32, non_blocking=True),
+                   labels.to(ctx.device, non_blocking=True))
+
+
+def through_frozen(frozen: list[nn.Module], batches: Batches) -> Batches:
+    """Apply frozen modules without autograd: their activations are freed layer by layer."""
+    for x, y in batches:
+        with torch.inference_mode():
+            for stage in frozen:
+                x, _ = stage(x, need_transport=False)
+        # inference tensors cannot enter autograd; a plain clone can (one batch, small).
+        yield x.clone(), y
+
+
+def module_inputs(ctx: Context, k: int, train: bool, epoch: int,
+                  frozen: list[nn.Module]) -> Batches:
+    """The input of module ``k``: raw data (k = 0), cache k-1, or raw data through the frozen
+    modules (``--cache none``). Training batches are shuffled, test batches are not."""
+    cfg = ctx.config
+    if k > 0 and cfg.cache == "disk":
+        split = f"train_v{epoch % cfg.cache_views}" if train else "test"
+        return cached_batches(ctx, ctx.run.cache_dir(k - 1, split), shuffle=train,
+                              order_seed=k * 10_000 + epoch)
+    raw = raw_batches(ctx, train, shuffle=train,
+                      augment_seed=(k * 10_000 + epoch) if train else None,
+                      order_seed=k * 10_000 + epoch)
+    return through_frozen(frozen, raw) if frozen else raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Caching
+# ---------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module) -> float:
+    """Write module ``k``'s outputs for every cached training view and for the test set;
+    return its head's test accuracy, computed on the way.
+
+    View 0 is the un-augmented training set, view v > 0 a fixed random augmentation of it.
+    A view of module k is computed from the same view of module k-1, so every module sees
+    the same augmented images in one view.
+    """
+    cfg = ctx.config
+    plan = ctx.plans[k]
+    sample_shape = (plan.out_channels, plan.out_size, plan.out_size)
+    splits = [(f"train_v{v}", True, v) for v in range(cfg.cache_views)] + [("test", False, 0)]
+    accuracy = 0.0
+    for split, train, view in splits:
+        if k == 0:
+            inputs = raw_batches(ctx, train, shuffle=False,
+                                 augment_seed=(1_000_000 + view) if view > 0 else None)
+        else:
+            inputs = cached_batches(ctx, ctx.run.cache_dir(k - 1, split), shuffle=False)
+        count = len(ctx.data.train if train else ctx.data.test)
+        correct = 0
+        directory = ctx.run.cache_dir(k, split)
+        with ctx.bars.task(f"  cache {split:<9}", total=count) as update, \
+                CacheWriter(directory, sample_shape, count, cfg.cache_dtype) as writer:
+            for x, y in inputs:
+                out, _ = module(x, need_transport=False)
+                writer.append(out, y)
+                if not train:
+                    correct += int((head(out).argmax(1) == y).sum())
+                update(len(y))
+        if not train:
+            accuracy = correct / count
+    return accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequential mode
+# ---------------------------------------------------------------------------------------------
+
+def train_sequential(ctx: Context) -> list[dict]:
+    cfg = ctx.config
+    results: list[dict] = []
+    frozen: list[nn.Module] = []  # only used with --cache none
+    for k, plan in enumerate(ctx.plans):
+        ctx.meter.reset()
+        start = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1000 + k)
+        # Only module k and its head are built: nothing else of the network is allocated.
+        module = build_module(ctx.spec, plan).to(ctx.device)
+        head = build_head(plan, ctx.num_classes).to(ctx.device)
+        steps = cfg.epochs * _steps_per_epoch(ctx)
+        opt, sched = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
+                                    cfg.momentum, cfg.weight_decay, steps)
+        test_acc = None
+        with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)}", total=steps) as update:
+            for epoch in range(cfg.epochs):
+                set_train(module, head)
+                stats = EpochStats()
+                for step, (x, y) in enumerate(module_inputs(ctx, k, True, epoch, frozen)):
+                    _, numbers = greedy_step(module, head, x, y, ctx.taus[k],
+                                             cfg.label_smoothing, opt)
+                    sched.step()
+                    _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
+                    update(status=f"epoch {epoch + 1}/{cfg.epochs}")
+                test_acc = _evaluate_module(ctx, k, epoch, module, head, frozen)
+                ctx.run.log("epoch", module=k, epoch=epoch, lr=sched.get_last_lr()[0],
+                            test_accuracy=test_acc, **stats.as_dict())
+        train_peak = ctx.meter.read().peak_bytes
+        train_time = time.perf_counter() - start
+
+        # Frozen from here on: BatchNorm keeps its running statistics, nothing needs grads.
+        freeze(module)
+        freeze(head)
+        del opt, sched  # momentum buffers are as large as the weights: free them first
+        cache_time, cache_peak = 0.0, None
+        if cfg.cache == "disk" and k < len(ctx.plans) - 1:
+            ctx.meter.reset()
+            t = time.perf_counter()
+            test_acc = cache_outputs(ctx, k, module, head)
+            cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
+            if k > 0:
+                # Module k+1 reads only cache k: cache k-1 is dead weight on the disk.
+                shutil.rmtree(ctx.run.module_cache_root(k - 1), ignore_errors=True)
+        elif test_acc is None:
+            test_acc = _evaluate_module(ctx, k, cfg.epochs - 1, module, head, frozen, force=True)
+        save_weights(ctx.run.module_path(k), _module_state(module, head),
+                     {"module": k, "blocks": f"{plan.start}:{plan.stop}"})
+        results.append(_module_result(ctx, k, test_acc, train_time, train_peak, cache_time,
+                                      cache_peak))
+        ctx.run.log("module", **results[-1])
+        if cfg.cache == "none":
+            frozen.append(module)  # kept (weights only) to recompute its outputs every batch
+        # Free module k before module k+1 is built: its weights, grads and head go now.
+        del module, head
+        gc.collect()
+    if cfg.cache == "disk":
+        shutil.rmtree(ctx.run.root / "cache", ignore_errors=True)
+    return results
+
+
+def _evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: nn.Module,
+                     frozen: list[nn.Module], force: bool = False) -> float | None:
+    last_epoch = epoch == ctx.config.epochs - 1
+    if not (ctx.config.eval_every_epoch or last_epoch or force):
+        return None
+    module.eval()
+    head.eval()
+    (accuracy,) = evaluate([module], [head], module_inputs(ctx, k, False, epoch, frozen))
+    return accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel mode
+# ---------------------------------------------------------------------------------------------
+
+def train_parallel(ctx: Context) -> list[dict]:
+    cfg = ctx.config
+    ctx.meter.reset()
+    start = time.perf_counter()
+    modules, heads, optimizers = [], [], []
+    steps = cfg.epochs * _steps_per_epoch(ctx)
+    for k, plan in enumerate(ctx.plans):
+        torch.manual_seed(cfg.seed * 1000 + k)
+        modules.append(build_module(ctx.spec, plan).to(ctx.device))
+        heads.append(build_head(plan, ctx.num_classes).to(ctx.device))
+        optimizers.append(make_optimizer([*modules[k].parameters(), *heads[k].parameters()],
+                                         cfg.lr, cfg.momentum, cfg.weight_decay, steps))
+    accuracies: list[float | None] = [None] * len(modules)
+    with ctx.bars.task(f"{len(modules)} modules in parallel", total=steps) as update:
+        for epoch in range(cfg.epochs):
+            set_train(*modules, *heads)
+            stats = [EpochStats() for _ in modules]
+            for step, (x, y) in enumerate(raw_batches(ctx, True, True, epoch, epoch)):
+                for k, (module, head, (opt, sched)) in enumerate(
+                        zip(modules, heads, optimizers)):
+                    # Module k's backward runs (and frees its activations) before module k+1's
+                    # forward: one module's activations are alive at a time.
+                    x, numbers = greedy_step(module, head, x, y, ctx.taus[k],
+                                             cfg.label_smoothing, opt)
+                    sched.step()
+                    _accumulate_or_stop(stats[k], numbers, len(y), k, epoch, step)
+                update(status=f"epoch {epoch + 1}/{cfg.epochs}")
+            if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
+                for m in (*modules, *heads):
+                    m.eval()
+                accuracies = evaluate(modules, heads, raw_batches(ctx, False, False, None))
+            for k in range(len(modules)):
+                ctx.run.log("epoch", module=k, epoch=epoch,
+                            lr=optimizers[k][1].get_last_lr()[0],
+                            test_accuracy=accuracies[k], **stats[k].as_dict())
+    peak = ctx.meter.read().peak_bytes
+    elapsed = time.perf_counter() - start
+    results = []
+    for k, (module, head) in enumerate(zip(modules, heads)):
+        save_weights(ctx.run.module_path(k), _module_state(module, head), {"module": k})
+        results.append(_module_result(ctx, k, accuracies[k], elapsed, peak, 0.0, None))
+        ctx.run.log("module", **results[-1])
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end (the baseline)
+# ---------------------------------------------------------------------------------------------
+
+def train_end_to_end(ctx: Context) -> StitchedNetwork:
+    cfg = ctx.config
+    ctx.meter.reset()
+    torch.manual_seed(cfg.seed * 1000)
+    network = build_network(ctx.spec, ctx.plans, ctx.num_classes).to(ctx.device)
+    steps = cfg.epochs * _steps_per_epoch(ctx)
+    opt, sched = make_optimizer(network.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
+                                steps)
+    with ctx.bars.task("end to end", total=steps) as update:
+        for epoch in range(cfg.epochs):
+            network.train()
+            stats = EpochStats()
+            for step, (x, y) in enumerate(raw_batches(ctx, True, True, epoch, epoch)):
+                # Peak memory: every layer's activations are alive here, at the end of forward.
+                logits = network(x)
+                loss, ce = module_loss(logits, y, logits.new_zeros(()), float("inf"),
+                                       cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                numbers = {"loss": loss.detach(), "ce": ce.detach(),
+                           "transport": torch.zeros(()), "correct": (logits.argmax(1) == y).sum()}
+                _accumulate_or_stop(stats, numbers, len(y), None, epoch, step)
+                update(status=f"epoch {epoch + 1}/{cfg.epochs}")
+            accuracy = None
+            if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
+                network.eval()
+                (accuracy,) = evaluate([_Whole(network)], [nn.Identity()],
+                                       raw_batches(ctx, False, False, None))
+            ctx.run.log("epoch", module=None, epoch=epoch, lr=sched.get_last_lr()[0],
+                        test_accuracy=accuracy, **stats.as_dict())
+    ctx.run.log("phase", name="e2e", peak_memory_bytes=ctx.meter.read().peak_bytes)
+    return network
+
+
+class _Whole(nn.Module):
+    """Adapts the stitched network to the (x) -> (output, transport) stage interface."""
+
+    def __init__(self, network: StitchedNetwork):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor, need_transport: bool = False):
+        return self.network(x), x.new_zeros(())
+
+
+# ---------------------------------------------------------------------------------------------
+# Stitching and helpers
+# ---------------------------------------------------------------------------------------------
+
+def stitch(ctx: Context) -> StitchedNetwork:
+    """Load every module's saved weights into one network: modules in order + last head."""
+    network = build_network(ctx.spec, ctx.plans, ctx.num_classes)
+    for k, stage in enumerate(network.stages):
+        state = load_weights(ctx.run.module_path(k))
+        stage.load_state_dict({n[len("module."):]: t for n, t in state.items()
+                               if n.startswith("module.")})
+        if k == len(ctx.plans) - 1:
+            network.head.load_state_dict({n[len("head."):]: t for n, t in state.items()
+                                          if n.startswith("head.")})
+    return network.to(ctx.device)
+
+
+def test_accuracy(ctx: Context, network: StitchedNetwork) -> float:
+    """End-to-end accuracy of the stitched network on the raw (normalised) test set."""
+    freeze(network)
+    (accuracy,) = evaluate([_Whole(network)], [nn.Identity()],
+                           raw_batches(ctx, False, False, None))
+    return accuracy
+
+
+def tau_for(config: FitConfig) -> list[float]:
+    if config.method == "trgl":
+        return tau_schedule(config.tau, config.modules, config.tau_schedule)
+    return [float("inf")] * config.modules
+
+
+def _steps_per_epoch(ctx: Context) -> int:
+    n, b = len(ctx.data.train), ctx.config.batch_size
+    return (n + b - 1) // b
+
+
+def _accumulate_or_stop(stats: EpochStats, numbers: dict, batch: int, module: int | None,
+                        epoch: int, step: int) -> None:
+    try:
+        accumulate(stats, numbers, batch)
+    except FloatingPointError as e:
+        raise NonFiniteLossError(module, epoch, step, e.args[0]) from None
+
+
+def _module_state(module: nn.Module, head: nn.Module) -> dict[str, torch.Tensor]:
+    state = {f"module.{n}": t for n, t in module.state_dict().items()}
+    state.update({f"head.{n}": t for n, t in head.state_dict().items()})
+    return state
+
+
+def _module_result(ctx: Context, k: int, accuracy: float | None, train_time: float,
+                   train_peak: int, cache_time: float, cache_peak: int | None) -> dict:
+    plan = ctx.plans[k]
+    return {"module": k, "blocks": [plan.start, plan.stop], "tau": ctx.taus[k],
+            "aux_test_accuracy": accuracy, "train_time_s": round(train_time, 3),
+            "train_peak_memory_bytes": train_peak, "cache_time_s": round(cache_time, 3),
+            "cache_peak_memory_bytes": cache_peak}

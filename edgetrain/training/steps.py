@@ -1,0 +1,117 @@
+"""The pieces every training mode shares: optimiser, one update of a module, evaluation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgetrain.training.transport import module_loss, transport_weight
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stops, finished modules are kept."""
+
+    def __init__(self, module: int | None, epoch: int, step: int, value: float):
+        where = f"module {module + 1}" if module is not None else "the end-to-end network"
+        super().__init__(
+            f"The loss of {where} became {value} at epoch {epoch + 1}, step {step + 1}. "
+            "Training stopped; modules finished before it are kept in the run folder. "
+            "Try a smaller --lr, or a larger --tau."
+        )
+        self.module, self.epoch, self.step = module, epoch, step
+
+
+def make_optimizer(params: Iterable[nn.Parameter], lr: float, momentum: float,
+                   weight_decay: float, total_steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD with momentum; the learning rate follows a cosine from ``lr`` to 0 over the steps."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+    return opt, sched
+
+
+@dataclass
+class EpochStats:
+    """Running sums over an epoch, as tensors so the hot loop does not synchronise per step."""
+
+    loss: float = 0.0
+    ce: float = 0.0
+    transport: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def as_dict(self) -> dict:
+        n = max(self.seen, 1)
+        return {"train_loss": self.loss / n, "train_ce": self.ce / n,
+                "train_transport": self.transport / n, "train_accuracy": self.correct / n}
+
+
+def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float,
+                label_smoothing: float, opt: torch.optim.Optimizer) -> tuple[torch.Tensor, dict]:
+    """One update of one module and its head on input ``x``; returns the module's output,
+    detached, for the next module (parallel mode) and the step's numbers.
+
+    Peak memory of the step is here, at the end of the forward pass: the module's and the
+    head's saved activations (plus each block's residue, if the transport term is on) are all
+    alive until ``backward`` frees them.
+    """
+    out, transport = module(x, need_transport=transport_weight(tau) > 0)
+    logits = head(out)
+    loss, ce = module_loss(logits, y, transport, tau, label_smoothing)
+    # Flush last step's gradients as late as possible but before backward: set_to_none frees
+    # their memory instead of zero-filling it.
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    numbers = {"loss": loss.detach(), "ce": ce.detach(), "transport": transport.detach(),
+               "correct": (logits.argmax(1) == y).sum()}
+    # The output goes on without its graph: the next module must not backpropagate into this one.
+    return out.detach(), numbers
+
+
+def accumulate(stats: EpochStats, numbers: dict, batch: int) -> None:
+    loss = float(numbers["loss"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(loss)
+    stats.loss += loss * batch
+    stats.ce += float(numbers["ce"]) * batch
+    stats.transport += float(numbers["transport"]) * batch
+    stats.correct += int(numbers["correct"])
+    stats.seen += batch
+
+
+@torch.inference_mode()
+def evaluate(stages: list[nn.Module], heads: list[nn.Module | None],
+             batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> list[float | None]:
+    """Test accuracy of each head on the output of its stage, stages applied in order.
+
+    ``heads[k]`` may be None where only the output matters. inference_mode keeps no autograd
+    state, so evaluation costs weights plus one batch's activations.
+    """
+    correct = [0] * len(stages)
+    seen = 0
+    for x, y in batches:
+        for k, stage in enumerate(stages):
+            x, _ = stage(x, need_transport=False)
+            if heads[k] is not None:
+                correct[k] += int((heads[k](x).argmax(1) == y).sum())
+        seen += len(y)
+    return [c / max(seen, 1) if h is not None else None for c, h in zip(correct, heads)]
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode (BatchNorm uses its running statistics, which stop updating) and no grads."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def set_train(*modules: nn.Module) -> None:
+    for m in modules:
+        m.train()

@@ -1,0 +1,67 @@
+"""Human-readable values: memory sizes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from edgetrain.errors import UserInputError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class MemorySize:
+    """A number of bytes. Decimal units are powers of 10 (GB = 10^9), binary ones powers of 2
+    (GiB = 2^30), as the SI and IEC define them.
+
+    >>> MemorySize.parse("2GB").bytes
+    2000000000
+    >>> MemorySize.parse("1.5GiB").bytes
+    1610612736
+    >>> MemorySize.parse("512MB").bytes
+    512000000
+    >>> MemorySize.parse("2000000000").bytes
+    2000000000
+    >>> str(MemorySize(1610612736))
+    '1.50 GiB'
+    """
+
+    bytes: int
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "--memory-budget") -> MemorySize:
+        match = _PATTERN.match(str(text))
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _UNITS:
+            raise UserInputError(
+                f"{flag} {text!r} is not a memory size. Write a number with an optional unit: "
+                "B, KB, MB, GB, TB (powers of 10) or KiB, MiB, GiB, TiB (powers of 2), "
+                "e.g. 2GB, 1.5GiB, 512MB or 2000000000."
+            )
+        value = int(float(match.group(1)) * _UNITS[unit])
+        if value <= 0:
+            raise UserInputError(f"{flag} {text!r} must be larger than zero.")
+        return cls(value)
+
+    def __str__(self) -> str:
+        return format_bytes(self.bytes)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units, for tables and messages.
+
+    >>> format_bytes(2_000_000_000)
+    '1.86 GiB'
+    >>> format_bytes(300 * 2**20)
+    '300.0 MiB'
+    """
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
