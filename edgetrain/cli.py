@@ -44,7 +44,8 @@ def fit(
              "svhn, stl10, imagefolder.")] = "fashion-mnist-mini",
     data_dir: Annotated[Path | None, typer.Option(help="Folder with the dataset files.")] = None,
     download: Annotated[bool, typer.Option(help="Download the dataset if missing.")] = False,
-    image_size: Annotated[int | None, typer.Option(help="Image side (imagefolder).")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        help="Resize images to this side (default: native; 32 for imagefolder).")] = None,
     train_limit: Annotated[int | None, typer.Option(
         help="Use a class-balanced subset of this many training images.")] = None,
     test_limit: Annotated[int | None, typer.Option(

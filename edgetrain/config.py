@@ -29,7 +29,7 @@ class FitConfig:
     download: bool = False
     """Let torchvision download the dataset into data_dir if it is missing."""
     image_size: int | None = None
-    """Side of the square input images (imagefolder only; others use their native size)."""
+    """Resize images to this square side (default: native size; 32 for imagefolder)."""
     train_limit: int | None = None
     """Train on a class-balanced subset of this many training images (smoke runs)."""
     test_limit: int | None = None

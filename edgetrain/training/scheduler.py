@@ -47,8 +47,16 @@ from edgetrain.models.split import ModulePlan
 from edgetrain.runs.files import load_weights, save_weights
 from edgetrain.runs.progress import ProgressBars
 from edgetrain.runs.rundir import RunDir
-from edgetrain.training.steps import (EpochStats, NonFiniteLossError, accumulate, evaluate,
-                                      freeze, greedy_step, make_optimizer, set_train)
+from edgetrain.training.steps import (
+    EpochStats,
+    NonFiniteLossError,
+    accumulate,
+    evaluate,
+    freeze,
+    greedy_step,
+    make_optimizer,
+    set_train,
+)
 from edgetrain.training.transport import module_loss, tau_schedule
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]

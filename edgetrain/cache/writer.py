@@ -1,0 +1,289 @@
+"""Stream a frozen module's outputs to disk, one mini-batch at a time.
+
+Memory: the writer never holds more than one chunk (one ``append`` call) cast to the cache dtype
+on the CPU, plus the file objects' small write buffers. The whole set is never materialised.
+
+Crash safety: data goes to ``*.tmp`` files that are renamed into place by ``close()``; the
+manifest is written last (tmp + ``os.replace``), so a directory with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO, NoReturn
+
+import numpy as np
+import torch
+from numpy.lib import format as npy_format
+
+from edgetrain.cache.manifest import (
+    CACHE_DTYPES,
+    FEATURES_FILE,
+    FORMAT_VERSION,
+    LABEL_DTYPE,
+    LABELS_FILE,
+    MANIFEST_FILE,
+    STORAGE_DTYPES,
+    CacheManifest,
+    format_checksum,
+    new_hasher,
+)
+from edgetrain.errors import UserInputError
+
+# Room for manifest.json and filesystem rounding; the manifest itself is well under 1 KB.
+_MANIFEST_ALLOWANCE = 4096
+_OUT_OF_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The .npy header for a C-order array, so the data bytes can be streamed after it."""
+    buffer = io.BytesIO()
+    header = {"descr": npy_format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    npy_format.write_array_header_1_0(buffer, header)
+    return buffer.getvalue()
+
+
+def _human_bytes(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _space_message(directory: Path, needed: int, free: int, dtype: str, during_write: bool) -> str:
+    what = "Ran out of disk space writing" if during_write else "Not enough disk space for"
+    fixes = ["free space there"]
+    if dtype == "float32":
+        fixes.append("use `--cache-dtype float16` to halve the cache")
+    fixes.append("use `--cache none` to train without a feature cache")
+    return (
+        f"{what} the feature cache in {directory}: it needs {needed} bytes "
+        f"({_human_bytes(needed)}) and {free} bytes ({_human_bytes(free)}) are free. "
+        f"Fix: {', or '.join(fixes)}."
+    )
+
+
+class CacheWriter:
+    """Write a cache of ``count`` samples of ``sample_shape`` into ``directory``.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d, CacheWriter(Path(d), (3,), count=2) as w:
+    ...     w.append(torch.zeros(2, 3), torch.tensor([0, 1]))
+    ...     w.close().count
+    2
+    """
+
+    def __init__(
+        self, directory: Path, sample_shape: tuple[int, ...], count: int, dtype: str = "float32"
+    ):
+        if dtype not in CACHE_DTYPES:
+            raise UserInputError(
+                f"--cache-dtype {dtype!r} is not supported; choose one of {list(CACHE_DTYPES)}."
+            )
+        sample_shape = tuple(int(s) for s in sample_shape)
+        if count < 0 or any(s <= 0 for s in sample_shape):
+            raise ValueError(f"bad cache size: count={count}, sample_shape={sample_shape}")
+        self.directory = Path(directory)
+        self.sample_shape = sample_shape
+        self.count = count
+        self.dtype = dtype
+        self._torch_dtype = CACHE_DTYPES[dtype]
+        self._written = 0
+        self._manifest: CacheManifest | None = None
+        self._failed = False
+
+        shape = (count, *sample_shape)
+        features_header = npy_header(shape, STORAGE_DTYPES[dtype])
+        labels_header = npy_header((count,), LABEL_DTYPE)
+        row_bytes = int(np.prod(sample_shape)) * STORAGE_DTYPES[dtype].itemsize
+        self._needed = (
+            len(features_header)
+            + count * row_bytes
+            + len(labels_header)
+            + count * LABEL_DTYPE.itemsize
+            + _MANIFEST_ALLOWANCE
+        )
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # An older cache here is about to be replaced: drop its manifest first so it can never
+        # describe half-overwritten data, then its data (and any *.tmp left by a crashed run)
+        # so that space counts as free below.
+        for name in (MANIFEST_FILE, FEATURES_FILE, LABELS_FILE):
+            (self.directory / name).unlink(missing_ok=True)
+            self._tmp(name).unlink(missing_ok=True)
+        free = shutil.disk_usage(self.directory).free
+        if self._needed > free:
+            raise UserInputError(
+                _space_message(self.directory, self._needed, free, dtype, during_write=False)
+            )
+
+        self._features_hash = new_hasher()
+        self._labels_hash = new_hasher()
+        self._features: BinaryIO | None = None
+        self._labels: BinaryIO | None = None
+        try:
+            # Kept open across append() calls; closed by close() or abort().
+            self._features = open(self._tmp(FEATURES_FILE), "wb")
+            self._labels = open(self._tmp(LABELS_FILE), "wb")
+            self._features.write(features_header)
+            self._labels.write(labels_header)
+        except OSError as err:
+            self._fail_on_os_error(err)
+
+    def _tmp(self, name: str) -> Path:
+        return self.directory / f"{name}.tmp"
+
+    def append(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Write one mini-batch: features ``[B, *sample_shape]`` (any float dtype and device)
+        and integer labels ``[B]``."""
+        self._check_open()
+        if tuple(features.shape[1:]) != self.sample_shape or features.dim() == 0:
+            raise ValueError(
+                f"features of shape {tuple(features.shape)} do not match [B, *{self.sample_shape}]"
+            )
+        batch = features.shape[0]
+        if tuple(labels.shape) != (batch,):
+            raise ValueError(f"labels of shape {tuple(labels.shape)}, expected ({batch},)")
+        if not features.is_floating_point():
+            raise TypeError(f"features must be floating point, got {features.dtype}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integers, got {labels.dtype}")
+        if self._written + batch > self.count:
+            self.abort()
+            raise ValueError(
+                f"cache was sized for {self.count} samples but "
+                f"{self._written + batch} were appended; partial files removed"
+            )
+
+        # detach: the chunk must not keep the frozen module's graph alive. Only this one chunk
+        # is ever copied to the CPU (in the cache dtype), and it is freed when append returns.
+        chunk = features.detach().to(device="cpu", dtype=self._torch_dtype).contiguous()
+        if self.dtype == "bfloat16":
+            # numpy has no bfloat16: store the raw bit patterns (a view, no copy).
+            array = chunk.view(torch.int16).numpy().view(STORAGE_DTYPES["bfloat16"])
+        else:
+            array = chunk.numpy().astype(STORAGE_DTYPES[self.dtype], copy=False)
+        label_array = labels.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
+        label_array = label_array.astype(LABEL_DTYPE, copy=False)
+
+        features_bytes = memoryview(array.reshape(-1).view(np.uint8))
+        labels_bytes = memoryview(label_array.reshape(-1).view(np.uint8))
+        try:
+            self._features.write(features_bytes)
+            self._labels.write(labels_bytes)
+        except OSError as err:
+            self._fail_on_os_error(err)
+        self._features_hash.update(features_bytes)
+        self._labels_hash.update(labels_bytes)
+        self._written += batch
+
+    def close(self) -> CacheManifest:
+        """Finish the cache and publish it; returns its manifest. Calling it twice is harmless."""
+        if self._manifest is not None:
+            return self._manifest
+        self._check_open()
+        if self._written != self.count:
+            self.abort()
+            raise ValueError(
+                f"cache was sized for {self.count} samples but only {self._written} "
+                f"were appended; partial files removed, no cache written"
+            )
+        try:
+            for file in (self._features, self._labels):
+                file.flush()
+                # The data must be on disk before the manifest that vouches for it.
+                os.fsync(file.fileno())
+                file.close()
+            features_bytes = os.path.getsize(self._tmp(FEATURES_FILE))
+            os.replace(self._tmp(FEATURES_FILE), self.directory / FEATURES_FILE)
+            os.replace(self._tmp(LABELS_FILE), self.directory / LABELS_FILE)
+            manifest = CacheManifest(
+                format_version=FORMAT_VERSION,
+                shape=(self.count, *self.sample_shape),
+                dtype=self.dtype,
+                count=self.count,
+                features_file=FEATURES_FILE,
+                labels_file=LABELS_FILE,
+                features_bytes=features_bytes,
+                checksum=format_checksum(self._features_hash),
+                labels_checksum=format_checksum(self._labels_hash),
+            )
+            with open(self._tmp(MANIFEST_FILE), "w") as f:
+                f.write(manifest.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self._tmp(MANIFEST_FILE), self.directory / MANIFEST_FILE)
+        except OSError as err:
+            self._fail_on_os_error(err)
+        self._manifest = manifest
+        return manifest
+
+    @property
+    def manifest(self) -> CacheManifest:
+        if self._manifest is None:
+            raise ValueError("the cache is not finished yet; call close() first")
+        return self._manifest
+
+    def abort(self) -> None:
+        """Close and delete everything this writer wrote; the directory holds no cache after."""
+        self._failed = True
+        for file in (self._features, self._labels):
+            if file is not None and not file.closed:
+                file.close()
+        # Final names too: a failure inside close() can come after the data files were renamed,
+        # and any older cache was removed in __init__, so these files are ours.
+        for name in (MANIFEST_FILE, FEATURES_FILE, LABELS_FILE):
+            self._tmp(name).unlink(missing_ok=True)
+            (self.directory / name).unlink(missing_ok=True)
+
+    def _check_open(self) -> None:
+        if self._failed:
+            raise ValueError("this cache writer failed or was aborted; start a new one")
+        if self._manifest is not None:
+            raise ValueError("this cache writer is already closed")
+
+    def _fail_on_os_error(self, err: OSError) -> NoReturn:
+        """Remove the partial files, then re-raise; a full disk becomes a UserInputError."""
+        self.abort()
+        if err.errno in _OUT_OF_SPACE:
+            free = shutil.disk_usage(self.directory).free
+            raise UserInputError(
+                _space_message(self.directory, self._needed, free, self.dtype, during_write=True)
+            ) from err
+        raise err
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            if self._manifest is None:
+                self.abort()
+            return
+        if self._manifest is None and not self._failed:
+            self.close()
+
+
+def write_cache(
+    directory: Path,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    sample_shape: tuple[int, ...],
+    count: int,
+    dtype: str = "float32",
+) -> CacheManifest:
+    """Write every ``(features, labels)`` batch to a cache in ``directory``; see CacheWriter."""
+    with CacheWriter(directory, sample_shape, count, dtype) as writer:
+        for features, labels in batches:
+            writer.append(features, labels)
+        return writer.close()

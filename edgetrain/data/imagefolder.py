@@ -1,0 +1,93 @@
+"""The user's own images: DIR/train/<class>/*.png and DIR/test/<class>/* (or DIR/val/).
+
+Read lazily, one file per sample, because a user's folder may not fit in memory. Each image is
+converted to RGB, resized (shorter side) and center-cropped to `image_size`, and returned as a
+uint8 tensor, so batches look exactly like the in-memory sets'.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision import datasets, transforms
+
+from edgetrain.data.bundle import DataBundle, DatasetInfo
+from edgetrain.errors import UserInputError
+
+NAME = "imagefolder"
+DEFAULT_IMAGE_SIZE = 32
+STATS_SAMPLES = 1000
+LAYOUT = "DIR/train/<class>/*.png (or .jpg, ...) and DIR/test/<class>/* (or DIR/val/<class>/*)"
+
+
+def load_imagefolder(data_dir: Path | None, download: bool, image_size: int | None,
+                     seed: int = 0) -> DataBundle:
+    """Load both splits lazily; mean/std come from up to 1,000 training images (seeded)."""
+    root = Path(data_dir).expanduser() if data_dir is not None else None
+    problems = []
+    if download:
+        problems.append(f"--download does not apply to --dataset {NAME}; drop it")
+    if root is None:
+        problems.append(f"--dataset {NAME} needs --data-dir DIR laid out as {LAYOUT}")
+    elif not root.is_dir():
+        problems.append(f"--data-dir {root} does not exist; pass a folder laid out as {LAYOUT}")
+    else:
+        if not (root / "train").is_dir():
+            problems.append(f"--data-dir {root} has no train/ folder; expected {LAYOUT}")
+        if not any((root / s).is_dir() for s in ("test", "val")):
+            problems.append(f"--data-dir {root} has neither test/ nor val/; expected {LAYOUT}")
+    if problems or root is None:  # root is None always comes with a problem
+        raise UserInputError(problems)
+
+    size = image_size or DEFAULT_IMAGE_SIZE
+    transform = transforms.Compose([
+        transforms.Resize(size),          # shorter side to `size`, keeping the aspect ratio
+        transforms.CenterCrop(size),
+        transforms.PILToTensor(),         # uint8 [C, H, W]; scaling happens per batch, later
+    ])
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    train = _image_folder(root / "train", transform)
+    test = _image_folder(test_dir, transform)
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise UserInputError(
+            f"--data-dir {root}: the class folders of train/ and {test_dir.name}/ must match; "
+            f"only in train/: {only_train or 'none'}, only in {test_dir.name}/: "
+            f"{only_test or 'none'}. Add or remove class folders so both have the same set")
+
+    mean, std = _channel_stats(train, seed)
+    info = DatasetInfo(name=NAME, num_classes=len(train.classes), in_channels=3,
+                       image_size=size, mean=mean, std=std, hflip=True,
+                       crop_padding=max(1, size // 8))
+    return DataBundle(train=train, test=test, info=info)
+
+
+def _image_folder(folder: Path, transform: transforms.Compose) -> datasets.ImageFolder:
+    # torchvision's default loader opens every file with PIL and calls .convert("RGB"), so
+    # grayscale and palette images arrive with 3 channels.
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as err:
+        raise UserInputError(f"--data-dir: {folder} has no usable images ({err}); expected "
+                             f"{LAYOUT}") from err
+
+
+def _channel_stats(dataset: datasets.ImageFolder, seed: int
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of up to STATS_SAMPLES random images, scaled to [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(dataset), generator=generator)[:STATS_SAMPLES]
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    pixels = 0
+    for i in picks.tolist():
+        image = dataset[i][0].to(torch.float64).div_(255.0).flatten(1)   # [3, H*W]
+        total += image.sum(1)
+        squares += image.square().sum(1)
+        pixels += image.shape[1]
+    mean = total / pixels
+    # Floor the std: a folder of flat images would otherwise divide by zero in normalize().
+    std = (squares / pixels - mean.square()).clamp_min(0).sqrt().clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())

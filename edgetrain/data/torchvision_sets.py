@@ -1,0 +1,243 @@
+"""MNIST, Fashion-MNIST, CIFAR-10/100, SVHN and STL-10 through torchvision's readers.
+
+torchvision parses each set's own file format; this module only finds the files, turns the
+parsed arrays into one contiguous uint8 NCHW tensor (an `ArrayDataset`, batched by index gather)
+and fills in the `DatasetInfo`. All of these sets fit in memory: the largest, STL-10's labelled
+splits, is 360 MB as uint8.
+
+Fashion-MNIST is also found, offline, in Debian's `dataset-fashion-mnist` package.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets
+
+from edgetrain.data.arrays import ArrayDataset, resize_images
+from edgetrain.data.bundle import DataBundle, DatasetInfo, scaled_padding
+from edgetrain.errors import UserInputError
+
+DATA_DIR_ENV = "EDGETRAIN_DATA_DIR"
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def default_data_dir() -> Path:
+    """`$EDGETRAIN_DATA_DIR`, else ~/.cache/edgetrain/data."""
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgetrain" / "data"
+
+
+# torchvision checks the md5 sum of every file each time a CIFAR, SVHN or STL-10 set is *loaded*.
+# These subclasses only check that the files exist when loading, so small files in the same
+# format (tests, a user's trimmed copy) load too. Downloads are unaffected: torchvision still
+# verifies the md5 of what it downloads.
+
+class _ExistingCifarFiles:
+    base_folder: str
+    root: str
+    train_list: list[list[str]]
+    test_list: list[list[str]]
+    meta: dict[str, str]
+
+    def _check_integrity(self) -> bool:
+        names = [name for name, _ in self.train_list + self.test_list]
+        return all(os.path.isfile(os.path.join(self.root, self.base_folder, n)) for n in names)
+
+    def _load_meta(self) -> None:
+        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
+        with open(path, "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+
+class _CIFAR10(_ExistingCifarFiles, datasets.CIFAR10):
+    pass
+
+
+class _CIFAR100(_ExistingCifarFiles, datasets.CIFAR100):
+    pass
+
+
+class _SVHN(datasets.SVHN):
+    def _check_integrity(self) -> bool:
+        return os.path.isfile(os.path.join(self.root, self.filename))
+
+
+class _STL10(datasets.STL10):
+    def _check_integrity(self) -> bool:
+        # Only the labelled splits: the 2.4 GB unlabelled file is never read here.
+        names = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+        return all(os.path.isfile(os.path.join(self.root, self.base_folder, n)) for n in names)
+
+
+# (images [N, C, H, W], labels [N]) as torchvision parsed them; (root, train, download) -> that.
+RawSplit = tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]
+Reader = Callable[[Path, bool, bool], RawSplit]
+
+
+def _mnist_reader(cls: type[datasets.MNIST]) -> Reader:
+    def read(root: Path, train: bool, download: bool) -> RawSplit:
+        ds = cls(str(root), train=train, download=download)
+        return ds.data.unsqueeze(1), ds.targets                 # [N, 28, 28] -> [N, 1, 28, 28]
+    return read
+
+
+def _cifar_reader(cls: type[datasets.CIFAR10]) -> Reader:
+    def read(root: Path, train: bool, download: bool) -> RawSplit:
+        ds = cls(str(root), train=train, download=download)
+        return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)   # NHWC -> NCHW
+    return read
+
+
+def _read_svhn(root: Path, train: bool, download: bool) -> RawSplit:
+    ds = _SVHN(str(root), split="train" if train else "test", download=download)
+    return ds.data, ds.labels          # torchvision already maps label 10 to digit 0, NCHW
+
+
+def _read_stl10(root: Path, train: bool, download: bool) -> RawSplit:
+    ds = _STL10(str(root), split="train" if train else "test", download=download)
+    return ds.data, ds.labels                                   # NCHW, labels 0-based
+
+
+@dataclass(frozen=True)
+class _Spec:
+    title: str
+    read: Reader
+    files: tuple[str, ...]        # relative to the data dir, checked before torchvision runs
+    num_classes: int
+    in_channels: int
+    native_size: int
+    mean: tuple[float, ...]       # statistics of each full training split, as published
+    std: tuple[float, ...]
+    hflip: bool
+    crop_padding: int
+
+
+_SPECS = {
+    "fashion-mnist": _Spec("Fashion-MNIST", _mnist_reader(datasets.FashionMNIST),
+                           tuple(f"FashionMNIST/raw/{f}" for f in _IDX_FILES), 10, 1, 28,
+                           (0.2860,), (0.3530,), True, 2),
+    "mnist": _Spec("MNIST", _mnist_reader(datasets.MNIST),
+                   tuple(f"MNIST/raw/{f}" for f in _IDX_FILES), 10, 1, 28,
+                   (0.1307,), (0.3081,), False, 2),
+    "cifar10": _Spec("CIFAR-10", _cifar_reader(_CIFAR10),
+                     tuple(f"cifar-10-batches-py/{f}" for f in (
+                         *(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")),
+                     10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True, 4),
+    "cifar100": _Spec("CIFAR-100", _cifar_reader(_CIFAR100),
+                      ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
+                      100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True, 4),
+    "svhn": _Spec("SVHN", _read_svhn, ("train_32x32.mat", "test_32x32.mat"), 10, 3, 32,
+                  (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False, 4),
+    "stl10": _Spec("STL-10", _read_stl10,
+                   tuple(f"stl10_binary/{f}" for f in ("train_X.bin", "train_y.bin",
+                                                       "test_X.bin", "test_y.bin")),
+                   10, 3, 96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), True, 12),
+}
+NAMES = tuple(_SPECS)
+
+
+def load_torchvision_set(name: str, data_dir: Path | None, download: bool,
+                         image_size: int | None) -> DataBundle:
+    """Load one of `NAMES` from `data_dir` (default: `default_data_dir()`).
+
+    `download=True` lets torchvision fetch missing files (needs internet). An `image_size`
+    other than the set's native size resizes every image once, here, at load.
+    """
+    spec = _SPECS[name]
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    if name == "fashion-mnist" and _missing(root, spec):
+        _unpack_debian_fashion_mnist(root)
+    missing = _missing(root, spec)
+    if missing and not download:
+        raise UserInputError(_missing_message(name, spec, root, data_dir is None, missing))
+
+    size = image_size or spec.native_size
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            images, labels = spec.read(root, split == "train", download)
+        except (RuntimeError, OSError) as err:
+            if not download:
+                raise
+            raise UserInputError(f"--download of {spec.title} into {root} failed ({err}); check "
+                                 "the internet connection, or put the files into --data-dir "
+                                 "yourself") from err
+        splits[split] = _to_dataset(images, labels, spec, root, size)
+    info = DatasetInfo(name=name, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                       image_size=size, mean=spec.mean, std=spec.std, hflip=spec.hflip,
+                       crop_padding=scaled_padding(spec.crop_padding, spec.native_size, size))
+    return DataBundle(train=splits["train"], test=splits["test"], info=info)
+
+
+def _to_dataset(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                spec: _Spec, root: Path, size: int) -> ArrayDataset:
+    # One contiguous copy of the parsed arrays; torchvision's copy is freed when its dataset
+    # object goes, so the peak is briefly twice the split.
+    images = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray)
+                             else images.contiguous())
+    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1)
+    if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise UserInputError(f"{spec.title} files in --data-dir {root} have labels outside "
+                             f"0..{spec.num_classes - 1}; they are not {spec.title} files")
+    return ArrayDataset(resize_images(images, size), labels)
+
+
+def _missing(root: Path, spec: _Spec) -> list[str]:
+    return [f for f in spec.files if not (root / f).is_file()]
+
+
+def _missing_message(name: str, spec: _Spec, root: Path, default_root: bool,
+                     missing: list[str]) -> str:
+    where = f"--data-dir {root}" + (f" (the default; set --data-dir or ${DATA_DIR_ENV})"
+                                    if default_root else "")
+    shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+    message = (f"--dataset {name}: {where} lacks the {spec.title} files {shown}. Pass --download "
+               f"to fetch them (needs internet), or point --data-dir at the folder holding "
+               f"{spec.files[0].split('/')[0]}")
+    if name == "fashion-mnist":
+        message += (f", or install Debian's copy (found automatically in "
+                    f"{DEBIAN_FASHION_MNIST_DIR}): apt-get install dataset-fashion-mnist")
+    return message
+
+
+def _unpack_debian_fashion_mnist(root: Path) -> None:
+    """Gunzip Debian's Fashion-MNIST into `root`/FashionMNIST/raw/, where torchvision reads it."""
+    sources = [DEBIAN_FASHION_MNIST_DIR / f"{f}.gz" for f in _IDX_FILES]
+    if not all(s.is_file() for s in sources):
+        return
+    raw = root / "FashionMNIST" / "raw"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        for source in sources:
+            target = raw / source.stem
+            if not target.is_file():
+                _gunzip(source, target)
+    except OSError as err:
+        raise UserInputError(f"--data-dir {root}: cannot unpack Debian's Fashion-MNIST into "
+                             f"{raw} ({err}); choose a writable --data-dir") from err
+
+
+def _gunzip(source: Path, target: Path) -> None:
+    # Unpack to a temporary name, then rename: torchvision only checks that the files exist, so
+    # an interrupted unpack must never leave a truncated file under the real name.
+    tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False)
+    try:
+        with tmp, gzip.open(source) as src:
+            shutil.copyfileobj(src, tmp, length=1 << 20)
+        os.replace(tmp.name, target)
+    except BaseException:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise

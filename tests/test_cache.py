@@ -1,0 +1,316 @@
+"""The on-disk feature cache: round trips, shuffled passes, crash safety, corruption, disk space."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import tracemalloc
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgetrain.cache import (
+    CacheCorruptError,
+    CacheManifest,
+    CacheWriter,
+    FeatureCache,
+    cache_is_valid,
+    write_cache,
+)
+from edgetrain.cache import writer as writer_module
+from edgetrain.errors import UserInputError
+
+SAMPLE_SHAPE = (3, 4)
+
+
+def _chunks(features: torch.Tensor, labels: torch.Tensor, size: int):
+    for start in range(0, len(features), size):
+        yield features[start : start + size], labels[start : start + size]
+
+
+def _indexed_cache(directory: Path, n: int) -> None:
+    """A float32 cache where every value of sample i is i and its label is i: any mix-up of
+    rows, or of rows and labels, shows."""
+    features = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, *SAMPLE_SHAPE)
+    write_cache(directory, _chunks(features, torch.arange(n), 8), SAMPLE_SHAPE, n, "float32")
+
+
+def _read_ids(cache: FeatureCache, **kwargs) -> tuple[list[int], list[int]]:
+    ids, sizes = [], []
+    for features, labels in cache.batches(**kwargs):
+        sample_ids = features[:, 0, 0].long()
+        assert torch.equal(features, sample_ids[:, None, None].float().expand_as(features))
+        assert torch.equal(labels, sample_ids), "labels must travel with their rows"
+        ids += sample_ids.tolist()
+        sizes.append(len(labels))
+    return ids, sizes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip_is_exact_after_the_cast(tmp_path: Path, dtype: str) -> None:
+    torch.manual_seed(0)
+    n = 37
+    # float64 input with requires_grad: the writer must detach and cast chunk by chunk.
+    features = torch.randn(n, *SAMPLE_SHAPE, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 10, (n,), dtype=torch.int32)
+    expected = features.detach().to(getattr(torch, dtype))
+
+    manifest = write_cache(tmp_path, _chunks(features, labels, 8), SAMPLE_SHAPE, n, dtype)
+
+    assert manifest.shape == (n, *SAMPLE_SHAPE) and manifest.count == n
+    assert manifest.dtype == dtype
+    assert manifest.features_bytes == (tmp_path / "features.npy").stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "features.npy",
+        "labels.npy",
+        "manifest.json",
+    ]
+    with FeatureCache.open(tmp_path) as cache:
+        assert len(cache) == n and cache.manifest == manifest
+        assert cache.labels.dtype == torch.int64
+        batches = list(cache.batches(batch_size=10, shuffle=False))
+    assert [len(b[1]) for b in batches] == [10, 10, 10, 7]
+    for batch_features, batch_labels in batches:
+        assert batch_features.dtype == getattr(torch, dtype)
+        assert batch_features.shape[1:] == SAMPLE_SHAPE
+        assert batch_labels.dtype == torch.int64
+    assert torch.equal(torch.cat([b[0] for b in batches]), expected)
+    assert torch.equal(torch.cat([b[1] for b in batches]), labels.long())
+
+    on_disk = np.load(tmp_path / "features.npy", mmap_mode="r")
+    if dtype == "bfloat16":  # stored as raw 16-bit patterns
+        on_disk = torch.from_numpy(np.array(on_disk).view(np.int16)).view(torch.bfloat16)
+        assert torch.equal(on_disk, expected)
+    else:
+        np.testing.assert_array_equal(on_disk, expected.numpy())
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), labels.long().numpy())
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 50, 64])
+def test_unshuffled_read_follows_the_written_order(tmp_path: Path, batch_size: int) -> None:
+    _indexed_cache(tmp_path, 50)
+    with FeatureCache.open(tmp_path) as cache:
+        ids, sizes = _read_ids(cache, batch_size=batch_size, shuffle=False)
+    assert ids == list(range(50))
+    assert sum(sizes) == 50 and all(s == batch_size for s in sizes[:-1])
+
+
+def test_shuffled_pass_covers_every_sample_once_in_randperm_order(tmp_path: Path) -> None:
+    n = 50
+    _indexed_cache(tmp_path, n)
+    with FeatureCache.open(tmp_path) as cache:
+        generator = torch.Generator().manual_seed(7)
+        first, sizes = _read_ids(cache, batch_size=8, shuffle=True, generator=generator)
+        second, _ = _read_ids(cache, batch_size=8, shuffle=True, generator=generator)
+        replay, _ = _read_ids(
+            cache, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(7)
+        )
+
+    assert sorted(first) == list(range(n)) and sorted(second) == list(range(n))
+    assert sizes == [8] * 6 + [2]  # 8 does not divide 50: the last batch is short
+    assert first != list(range(n))
+    assert first == torch.randperm(n, generator=torch.Generator().manual_seed(7)).tolist()
+    assert replay == first, "same seed, same order"
+    assert second != first, "the next pass draws a new order"
+
+
+def test_drop_last(tmp_path: Path) -> None:
+    _indexed_cache(tmp_path, 50)
+    with FeatureCache.open(tmp_path) as cache:
+        ids, sizes = _read_ids(
+            cache,
+            batch_size=8,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(1),
+        )
+        exact, exact_sizes = _read_ids(cache, batch_size=10, shuffle=False, drop_last=True)
+    assert sizes == [8] * 6 and len(set(ids)) == 48
+    assert exact_sizes == [10] * 5 and exact == list(range(50))
+
+
+def test_empty_cache(tmp_path: Path) -> None:
+    write_cache(tmp_path, [], SAMPLE_SHAPE, 0, "float16")
+    with FeatureCache.open(tmp_path) as cache:
+        assert len(cache) == 0
+        assert list(cache.batches(batch_size=4, shuffle=True)) == []
+
+
+def test_wrong_count_leaves_nothing_behind(tmp_path: Path) -> None:
+    features, labels = torch.zeros(5, *SAMPLE_SHAPE), torch.zeros(5, dtype=torch.long)
+    writer = CacheWriter(tmp_path / "short", SAMPLE_SHAPE, count=6)
+    writer.append(features, labels)
+    with pytest.raises(ValueError, match="only 5"):
+        writer.close()
+    assert list((tmp_path / "short").iterdir()) == []
+
+    with pytest.raises(ValueError, match="10 were appended"):
+        with CacheWriter(tmp_path / "long", SAMPLE_SHAPE, count=6) as writer:
+            writer.append(features, labels)
+            writer.append(features, labels)
+    assert list((tmp_path / "long").iterdir()) == []
+    assert not cache_is_valid(tmp_path / "short") and not cache_is_valid(tmp_path / "long")
+
+
+def test_exception_inside_with_removes_partial_files(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="module blew up"):
+        with CacheWriter(tmp_path, SAMPLE_SHAPE, count=10) as writer:
+            writer.append(torch.ones(5, *SAMPLE_SHAPE), torch.zeros(5, dtype=torch.long))
+            assert (tmp_path / "features.npy.tmp").exists()
+            raise RuntimeError("module blew up")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rewriting_replaces_the_old_cache(tmp_path: Path) -> None:
+    _indexed_cache(tmp_path, 20)
+    writer = CacheWriter(tmp_path, SAMPLE_SHAPE, count=4)
+    assert not (tmp_path / "manifest.json").exists(), "stale manifest must go before writing"
+    writer.append(torch.ones(4, *SAMPLE_SHAPE), torch.ones(4, dtype=torch.long))
+    writer.close()
+    with FeatureCache.open(tmp_path) as cache:
+        assert len(cache) == 4
+
+
+def test_append_checks_shapes(tmp_path: Path) -> None:
+    with CacheWriter(tmp_path, SAMPLE_SHAPE, count=4) as writer:
+        with pytest.raises(ValueError, match="do not match"):
+            writer.append(torch.zeros(4, 3, 5), torch.zeros(4, dtype=torch.long))
+        with pytest.raises(ValueError, match="labels"):
+            writer.append(torch.zeros(4, *SAMPLE_SHAPE), torch.zeros(3, dtype=torch.long))
+        writer.append(torch.zeros(4, *SAMPLE_SHAPE), torch.zeros(4, dtype=torch.long))
+    assert cache_is_valid(tmp_path)
+
+
+def _flip_byte(path: Path, offset_from_end: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(-offset_from_end, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-offset_from_end, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_flipped_feature_byte_fails_the_checksum(tmp_path: Path) -> None:
+    _indexed_cache(tmp_path, 20)
+    assert cache_is_valid(tmp_path)
+    _flip_byte(tmp_path / "features.npy", 5)
+    with pytest.raises(CacheCorruptError, match=r"features\.npy checksum mismatch"):
+        FeatureCache.open(tmp_path, verify=True)
+    assert not cache_is_valid(tmp_path)
+    with FeatureCache.open(tmp_path, verify=False) as cache:  # sizes still match
+        assert len(cache) == 20
+
+
+def test_flipped_label_byte_fails_the_checksum(tmp_path: Path) -> None:
+    _indexed_cache(tmp_path, 20)
+    _flip_byte(tmp_path / "labels.npy", 3)
+    with pytest.raises(CacheCorruptError, match=r"labels\.npy checksum mismatch"):
+        FeatureCache.open(tmp_path)
+
+
+def test_truncated_features_fail_the_size_check(tmp_path: Path) -> None:
+    _indexed_cache(tmp_path, 20)
+    path = tmp_path / "features.npy"
+    os.truncate(path, path.stat().st_size - 16)
+    with pytest.raises(CacheCorruptError, match=r"features\.npy size mismatch"):
+        FeatureCache.open(tmp_path, verify=False)
+    assert not cache_is_valid(tmp_path)
+
+
+def test_missing_or_garbled_manifest(tmp_path: Path) -> None:
+    _indexed_cache(tmp_path, 20)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{not json")
+    with pytest.raises(CacheCorruptError, match="not valid JSON"):
+        FeatureCache.open(tmp_path)
+    manifest.unlink()
+    assert not cache_is_valid(tmp_path)
+    with pytest.raises(CacheCorruptError, match="manifest.json is missing"):
+        FeatureCache.open(tmp_path)
+    assert not cache_is_valid(tmp_path / "never-written")
+
+
+def test_manifest_json_round_trip(tmp_path: Path) -> None:
+    _indexed_cache(tmp_path, 20)
+    text = (tmp_path / "manifest.json").read_text()
+    assert CacheManifest.from_json(text).to_json() == text
+
+
+def test_not_enough_disk_space_is_a_user_error(tmp_path: Path, monkeypatch) -> None:
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda _: usage(10**6, 10**6, 1000))
+    n = 100
+    with pytest.raises(UserInputError) as info:
+        CacheWriter(tmp_path, SAMPLE_SHAPE, count=n, dtype="float32")
+    message = str(info.value)
+    needed = int(re.search(r"needs (\d+) bytes", message).group(1))
+    assert needed >= n * 12 * 4 + n * 8
+    assert "1000 bytes" in message and str(tmp_path) in message
+    assert "--cache-dtype float16" in message and "--cache none" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disk_full_mid_write_removes_partial_files(tmp_path: Path, monkeypatch) -> None:
+    real_open = open
+
+    class FullDisk:
+        """A file that takes the header, then fails like a full disk."""
+
+        def __init__(self, path, mode):
+            self._file = real_open(path, mode)
+            self._writes = 0
+
+        def write(self, data):
+            self._writes += 1
+            if self._writes > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self._file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+    monkeypatch.setattr(writer_module, "open", FullDisk, raising=False)
+    writer = CacheWriter(tmp_path, SAMPLE_SHAPE, count=8)
+    with pytest.raises(UserInputError, match="Ran out of disk space.*--cache-dtype float16"):
+        writer.append(torch.zeros(8, *SAMPLE_SHAPE), torch.zeros(8, dtype=torch.long))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_is_o_batch_memory_and_never_maps_the_file(tmp_path: Path, monkeypatch) -> None:
+    n, sample_shape = 2048, (512,)  # 4 MiB of float32 features
+    features = torch.randn(n, *sample_shape)
+    write_cache(tmp_path, _chunks(features, torch.arange(n), 256), sample_shape, n, "float32")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reader must not memory-map the cache")
+
+    monkeypatch.setattr(np, "memmap", refuse)
+    monkeypatch.setattr(np, "load", refuse)
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    with FeatureCache.open(tmp_path) as cache:
+        tracemalloc.start()  # numpy buffers are traced; the batch is 16 x 2 KiB = 32 KiB
+        total = 0
+        for batch, _ in cache.batches(
+            batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0)
+        ):
+            total += len(batch)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert total == n
+    assert peak < 512 * 1024, f"reading peaked at {peak} bytes for a 4 MiB cache"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_are_cached(tmp_path: Path) -> None:
+    features = torch.randn(10, *SAMPLE_SHAPE, device="cuda")
+    labels = torch.arange(10, device="cuda")
+    write_cache(tmp_path, _chunks(features, labels, 4), SAMPLE_SHAPE, 10, "bfloat16")
+    with FeatureCache.open(tmp_path) as cache:
+        ((read, read_labels),) = cache.batches(batch_size=10, shuffle=False)
+    assert torch.equal(read, features.to(torch.bfloat16).cpu())
+    assert torch.equal(read_labels, labels.cpu())
