@@ -14,8 +14,12 @@ from edgetrain.config import FitConfig
 from edgetrain.errors import UserInputError
 from edgetrain.units import MemorySize, format_bytes
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train neural networks module by module (TRGL) where memory is short.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train neural networks module by module (TRGL) where memory is short.",
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -29,32 +33,45 @@ def _widths(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(w) for w in text.split(","))
     except ValueError:
-        raise UserInputError(f"--widths {text!r} must be integers separated by commas, "
-                             "e.g. 16,32,64.") from None
+        raise UserInputError(
+            f"--widths {text!r} must be integers separated by commas, e.g. 16,32,64."
+        ) from None
     return widths
 
 
 @app.command()
 def fit(
-    memory_budget: Annotated[str | None, typer.Option(
-        help="Memory the run may use, e.g. 2GB (10^9 bytes), 1.5GiB (2^30 bytes), 512MB, or "
-             "plain bytes. Recorded in the report.")] = None,
-    dataset: Annotated[str, typer.Option(
-        help="fashion-mnist-mini (built in, offline), fashion-mnist, mnist, cifar10, cifar100, "
-             "svhn, stl10, imagefolder.")] = "fashion-mnist-mini",
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory the run may use, e.g. 2GB (10^9 bytes), 1.5GiB (2^30 bytes), 512MB, or "
+            "plain bytes. Recorded in the report."
+        ),
+    ] = None,
+    dataset: Annotated[
+        str,
+        typer.Option(
+            help="fashion-mnist-mini (built in, offline), fashion-mnist, mnist, cifar10, cifar100, "
+            "svhn, stl10, imagefolder."
+        ),
+    ] = "fashion-mnist-mini",
     data_dir: Annotated[Path | None, typer.Option(help="Folder with the dataset files.")] = None,
     download: Annotated[bool, typer.Option(help="Download the dataset if missing.")] = False,
-    image_size: Annotated[int | None, typer.Option(
-        help="Resize images to this side (default: native; 32 for imagefolder).")] = None,
-    train_limit: Annotated[int | None, typer.Option(
-        help="Use a class-balanced subset of this many training images.")] = None,
-    test_limit: Annotated[int | None, typer.Option(
-        help="Use a class-balanced subset of this many test images.")] = None,
-    model: Annotated[str, typer.Option(
-        help="resnet8/14/20/32/44/56/110 (CIFAR ResNets).")] = "resnet20",
+    image_size: Annotated[
+        int | None,
+        typer.Option(help="Resize images to this side (default: native; 32 for imagefolder)."),
+    ] = None,
+    train_limit: Annotated[
+        int | None, typer.Option(help="Use a class-balanced subset of this many training images.")
+    ] = None,
+    test_limit: Annotated[
+        int | None, typer.Option(help="Use a class-balanced subset of this many test images.")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="resnet8/14/20/32/44/56/110 (CIFAR ResNets).")
+    ] = "resnet20",
     widths: Annotated[str, typer.Option(help="Channels per stage, comma separated.")] = "16,32,64",
-    modules: Annotated[int, typer.Option("--modules", "-K",
-                                         help="K: number of modules.")] = 4,
+    modules: Annotated[int, typer.Option("--modules", "-K", help="K: number of modules.")] = 4,
     split: Annotated[str, typer.Option(help="even | balanced (by activation memory).")] = "even",
     method: Annotated[str, typer.Option(help="trgl | vanilla | e2e.")] = "trgl",
     mode: Annotated[str, typer.Option(help="sequential | parallel.")] = "sequential",
@@ -66,12 +83,22 @@ def fit(
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy smoothing.")] = 0.0,
     tau: Annotated[float, typer.Option(help="TRGL step size; penalty 1/(2 tau).")] = 1.0,
     tau_schedule: Annotated[str, typer.Option(help="halved | constant.")] = "halved",
-    cache: Annotated[str, typer.Option(
-        help="disk: cache frozen outputs (less compute, augmentation fixed per view); none: "
-             "recompute frozen modules every batch (fresh augmentation).")] = "disk",
+    cache: Annotated[
+        str,
+        typer.Option(
+            help="disk: cache frozen outputs (less compute, augmentation fixed per view); none: "
+            "recompute frozen modules every batch (fresh augmentation)."
+        ),
+    ] = "disk",
     cache_dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16.")] = "float32",
-    cache_views: Annotated[int, typer.Option(
-        help="Training-set views cached per module: view 0 plain, others augmented.")] = 1,
+    cache_views: Annotated[
+        int,
+        typer.Option(help="Training-set views cached per module: view 0 plain, others augmented."),
+    ] = 1,
+    backend: Annotated[
+        str,
+        typer.Option(help="torch (autograd) | ort (ONNX Runtime training API, sequential mode)."),
+    ] = "torch",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
@@ -86,14 +113,37 @@ def fit(
     try:
         budget = MemorySize.parse(memory_budget) if memory_budget is not None else None
         config = FitConfig(
-            dataset=dataset, data_dir=data_dir, download=download, image_size=image_size,
-            train_limit=train_limit, test_limit=test_limit, model=model, widths=_widths(widths),
-            modules=modules, split=split, method=method, mode=mode, epochs=epochs,
-            batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-            label_smoothing=label_smoothing, tau=tau, tau_schedule=tau_schedule, cache=cache,
-            cache_dtype=cache_dtype, cache_views=cache_views, device=device, seed=seed,
-            threads=threads, out=out, overwrite=overwrite,
-            memory_budget=budget.bytes if budget else None, memory_budget_text=memory_budget,
+            dataset=dataset,
+            data_dir=data_dir,
+            download=download,
+            image_size=image_size,
+            train_limit=train_limit,
+            test_limit=test_limit,
+            model=model,
+            widths=_widths(widths),
+            modules=modules,
+            split=split,
+            method=method,
+            mode=mode,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            label_smoothing=label_smoothing,
+            tau=tau,
+            tau_schedule=tau_schedule,
+            cache=cache,
+            cache_dtype=cache_dtype,
+            cache_views=cache_views,
+            backend=backend,
+            device=device,
+            seed=seed,
+            threads=threads,
+            out=out,
+            overwrite=overwrite,
+            memory_budget=budget.bytes if budget else None,
+            memory_budget_text=memory_budget,
         ).validate()
         report = run_fit(config, progress=progress)
     except UserInputError as e:
@@ -106,25 +156,38 @@ def fit(
 
 
 def print_report(report: dict, out: Path) -> None:
-    table = Table(title=f"edgetrain fit: {report['method']} ({report['mode']}), "
-                        f"{report['model']} on {report['dataset']}")
+    table = Table(
+        title=f"edgetrain fit: {report['method']} ({report['mode']}), "
+        f"{report['model']} on {report['dataset']}"
+    )
     for column in ("module", "blocks", "tau", "aux test acc", "train time", "train peak"):
         table.add_column(column, justify="right")
     for m in report["modules"]:
         acc = m["aux_test_accuracy"]
-        table.add_row(str(m["module"] + 1), f"{m['blocks'][0]}-{m['blocks'][1] - 1}",
-                      f"{m['tau']:g}", f"{acc:.2%}" if acc is not None else "-",
-                      f"{m['train_time_s']:.1f} s", format_bytes(m["train_peak_memory_bytes"]))
+        table.add_row(
+            str(m["module"] + 1),
+            f"{m['blocks'][0]}-{m['blocks'][1] - 1}",
+            f"{m['tau']:g}",
+            f"{acc:.2%}" if acc is not None else "-",
+            f"{m['train_time_s']:.1f} s",
+            format_bytes(m["train_peak_memory_bytes"]),
+        )
     if report["modules"]:
         console.print(table)
-    console.print(f"test accuracy (stitched network, raw test set): "
-                  f"[bold]{report['test_accuracy']:.2%}[/bold]")
-    console.print(f"wall time: {report['wall_time_s']:.1f} s   peak memory: "
-                  f"{format_bytes(report['peak_memory_bytes'])} ({report['memory_measured']}); "
-                  f"framework baseline {format_bytes(report['framework_baseline_bytes'])}")
+    console.print(
+        f"test accuracy (stitched network, raw test set): "
+        f"[bold]{report['test_accuracy']:.2%}[/bold]"
+    )
+    console.print(
+        f"wall time: {report['wall_time_s']:.1f} s   peak memory: "
+        f"{format_bytes(report['peak_memory_bytes'])} ({report['memory_measured']}); "
+        f"framework baseline {format_bytes(report['framework_baseline_bytes'])}"
+    )
     if report.get("memory_budget_bytes"):
-        console.print(f"memory budget: {format_bytes(report['memory_budget_bytes'])} "
-                      "(recorded; not yet enforced by a planner)")
+        console.print(
+            f"memory budget: {format_bytes(report['memory_budget_bytes'])} "
+            "(recorded; not yet enforced by a planner)"
+        )
     console.print(f"run folder: {out}")
 
 

@@ -18,6 +18,7 @@ METHODS = ("trgl", "vanilla", "e2e")
 MODES = ("sequential", "parallel")
 CACHE_MODES = ("disk", "none")
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("torch", "ort")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class FitConfig:
     """Views of the training set cached per module: view 0 is un-augmented, views 1.. are
     random augmentations; epoch e reads view e mod cache_views."""
 
+    backend: str = "torch"
+    """torch: train with torch autograd; ort: train each module through ONNX Runtime's
+    training API (sequential mode only)."""
     device: str = "auto"
     """cpu, cuda, or auto (cuda if available)."""
     seed: int = 0
@@ -108,6 +112,12 @@ class FitConfig:
         if self.device not in DEVICES:
             problems.append(f"--device {self.device!r} is not known; choose one of "
                             f"{', '.join(DEVICES)}.")
+        if self.backend not in BACKENDS:
+            problems.append(f"--backend {self.backend!r} is not known; choose one of "
+                            f"{', '.join(BACKENDS)}.")
+        elif self.backend == "ort" and (self.mode != "sequential" or self.method == "e2e"):
+            problems.append("--backend ort trains modules one at a time: use it with "
+                            "--mode sequential and --method trgl or vanilla.")
         from edgetrain.cache import CACHE_DTYPES
 
         if self.cache_dtype not in CACHE_DTYPES:

@@ -196,30 +196,18 @@ def train_sequential(ctx: Context) -> list[dict]:
         # Only module k and its head are built: nothing else of the network is allocated.
         module = build_module(ctx.spec, plan).to(ctx.device)
         head = build_head(plan, ctx.num_classes).to(ctx.device)
-        steps = cfg.epochs * _steps_per_epoch(ctx)
-        opt, sched = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
-                                    cfg.momentum, cfg.weight_decay, steps)
-        test_acc = None
-        with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)}", total=steps) as update:
-            for epoch in range(cfg.epochs):
-                set_train(module, head)
-                stats = EpochStats()
-                for step, (x, y) in enumerate(module_inputs(ctx, k, True, epoch, frozen)):
-                    _, numbers = greedy_step(module, head, x, y, ctx.taus[k],
-                                             cfg.label_smoothing, opt)
-                    sched.step()
-                    _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
-                    update(status=f"epoch {epoch + 1}/{cfg.epochs}")
-                test_acc = _evaluate_module(ctx, k, epoch, module, head, frozen)
-                ctx.run.log("epoch", module=k, epoch=epoch, lr=sched.get_last_lr()[0],
-                            test_accuracy=test_acc, **stats.as_dict())
+        if cfg.backend == "ort":
+            from edgetrain.onnx.ort_training import train_module_ort
+
+            test_acc = train_module_ort(ctx, k, module, head, frozen)
+        else:
+            test_acc = train_module_torch(ctx, k, module, head, frozen)
         train_peak = ctx.meter.read().peak_bytes
         train_time = time.perf_counter() - start
 
         # Frozen from here on: BatchNorm keeps its running statistics, nothing needs grads.
         freeze(module)
         freeze(head)
-        del opt, sched  # momentum buffers are as large as the weights: free them first
         cache_time, cache_peak = 0.0, None
         if cfg.cache == "disk" and k < len(ctx.plans) - 1:
             ctx.meter.reset()
@@ -244,6 +232,32 @@ def train_sequential(ctx: Context) -> list[dict]:
     if cfg.cache == "disk":
         shutil.rmtree(ctx.run.root / "cache", ignore_errors=True)
     return results
+
+
+def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
+                       frozen: list[nn.Module]) -> float | None:
+    """Train module ``k`` and its head with torch autograd; return the head's last test
+    accuracy (None if not evaluated)."""
+    cfg = ctx.config
+    steps = cfg.epochs * _steps_per_epoch(ctx)
+    opt, sched = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
+                                cfg.momentum, cfg.weight_decay, steps)
+    test_acc = None
+    with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)}", total=steps) as update:
+        for epoch in range(cfg.epochs):
+            set_train(module, head)
+            stats = EpochStats()
+            for step, (x, y) in enumerate(module_inputs(ctx, k, True, epoch, frozen)):
+                _, numbers = greedy_step(module, head, x, y, ctx.taus[k], cfg.label_smoothing,
+                                         opt)
+                sched.step()
+                _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
+                update(status=f"epoch {epoch + 1}/{cfg.epochs}")
+            test_acc = _evaluate_module(ctx, k, epoch, module, head, frozen)
+            ctx.run.log("epoch", module=k, epoch=epoch, lr=sched.get_last_lr()[0],
+                        test_accuracy=test_acc, **stats.as_dict())
+    # The optimizer (momentum buffers as large as the weights) dies with this frame.
+    return test_acc
 
 
 def _evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: nn.Module,
