@@ -83,6 +83,13 @@ def fit(
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy smoothing.")] = 0.0,
     tau: Annotated[float, typer.Option(help="TRGL step size; penalty 1/(2 tau).")] = 1.0,
     tau_schedule: Annotated[str, typer.Option(help="halved | constant.")] = "halved",
+    activation_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            help="Recompute block activations in backward instead of storing them "
+            "(less memory, about one more forward pass)."
+        ),
+    ] = False,
     cache: Annotated[
         str,
         typer.Option(

@@ -67,6 +67,10 @@ class FitConfig:
     tau_schedule: str = "halved"
     """halved: tau/2 for the first half of the modules, tau after (the authors'); constant."""
 
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (torch.utils.
+    checkpoint, use_reentrant=False): less memory for about one more forward pass."""
+
     cache: str = "disk"
     """disk: cache frozen outputs on disk (sequential mode); none: recompute frozen modules on
     every batch, as the authors' code does, which keeps fresh augmentation for every module."""

@@ -84,12 +84,16 @@ def fit(config: FitConfig, progress: bool = False) -> dict:
         "wall_time_s": round(wall, 3),
         "peak_memory_bytes": max([train_peak, eval_peak, *cache_peaks]),
         "train_peak_memory_bytes": train_peak,
+        # What training added on top of the framework (torch and its libraries, loaded before
+        # anything was built): the figure module-wise training exists to shrink.
+        "training_memory_bytes": max(0, max([train_peak, *cache_peaks]) - framework_bytes),
         "eval_peak_memory_bytes": eval_peak,
         "framework_baseline_bytes": framework_bytes,
         "memory_backend": meter.backend,
         "memory_measured": meter.description,
         "memory_budget_bytes": config.memory_budget,
         "method": config.method, "mode": config.mode, "cache": config.cache,
+        "activation_checkpointing": config.activation_checkpointing,
         "cache_dtype": config.cache_dtype, "cache_views": config.cache_views,
         "dataset": config.dataset, "model": config.model, "num_modules": config.modules,
         "epochs": config.epochs, "batch_size": config.batch_size, "seed": config.seed,

@@ -42,6 +42,13 @@ class StitchedNetwork(nn.Module):
         return self.head(x)
 
 
+def set_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn per-block activation checkpointing on or off in every module of ``model``."""
+    for m in model.modules():
+        if isinstance(m, ResNetModule):
+            m.checkpointing = enabled
+
+
 def build_network(spec: ResNetSpec, plans: list[ModulePlan], num_classes: int) -> StitchedNetwork:
     return StitchedNetwork([build_module(spec, p) for p in plans],
                            build_head(plans[-1], num_classes))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from edgetrain.errors import UserInputError
 
@@ -130,6 +131,9 @@ class ResNetModule(nn.Module):
         self.stem = Stem(*stem) if stem is not None else None
         self.blocks = nn.ModuleList(BasicBlock(b) for b in blocks)
         self.out_channels = blocks[-1].out_channels
+        self.checkpointing = False
+        """Activation checkpointing per block: keep only each block's input (and residue, if
+        penalised) for backward and recompute the rest; less memory, about one more forward."""
 
     def forward(self, x: torch.Tensor, need_transport: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +141,10 @@ class ResNetModule(nn.Module):
             x = self.stem(x)
         transport = x.new_zeros(())
         for block in self.blocks:
-            x, r = block(x)
+            if self.checkpointing and torch.is_grad_enabled():
+                x, r = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, r = block(x)
             if need_transport:
                 transport = transport + r.pow(2).mean()
             del r  # drop our reference; autograd keeps r only if the penalty needs it

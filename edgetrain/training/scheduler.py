@@ -41,7 +41,13 @@ from edgetrain.cache import CacheWriter, FeatureCache
 from edgetrain.config import FitConfig
 from edgetrain.data import DataBundle, augment_batch, iterate_batches, normalize
 from edgetrain.memory.meter import MemoryMeter
-from edgetrain.models.network import StitchedNetwork, build_head, build_module, build_network
+from edgetrain.models.network import (
+    StitchedNetwork,
+    build_head,
+    build_module,
+    build_network,
+    set_checkpointing,
+)
 from edgetrain.models.resnet import ResNetSpec
 from edgetrain.models.split import ModulePlan
 from edgetrain.runs.files import load_weights, save_weights
@@ -196,6 +202,7 @@ def train_sequential(ctx: Context) -> list[dict]:
         # Only module k and its head are built: nothing else of the network is allocated.
         module = build_module(ctx.spec, plan).to(ctx.device)
         head = build_head(plan, ctx.num_classes).to(ctx.device)
+        set_checkpointing(module, cfg.activation_checkpointing)
         if cfg.backend == "ort":
             from edgetrain.onnx.ort_training import train_module_ort
 
@@ -284,6 +291,7 @@ def train_parallel(ctx: Context) -> list[dict]:
     for k, plan in enumerate(ctx.plans):
         torch.manual_seed(cfg.seed * 1000 + k)
         modules.append(build_module(ctx.spec, plan).to(ctx.device))
+        set_checkpointing(modules[-1], cfg.activation_checkpointing)
         heads.append(build_head(plan, ctx.num_classes).to(ctx.device))
         optimizers.append(make_optimizer([*modules[k].parameters(), *heads[k].parameters()],
                                          cfg.lr, cfg.momentum, cfg.weight_decay, steps))
@@ -329,6 +337,7 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
     ctx.meter.reset()
     torch.manual_seed(cfg.seed * 1000)
     network = build_network(ctx.spec, ctx.plans, ctx.num_classes).to(ctx.device)
+    set_checkpointing(network, cfg.activation_checkpointing)
     steps = cfg.epochs * _steps_per_epoch(ctx)
     opt, sched = make_optimizer(network.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
                                 steps)
