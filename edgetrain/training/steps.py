@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgetrain.training.sgd import SGD, CosineSchedule
 from edgetrain.training.transport import module_loss, transport_weight
 
 
@@ -26,14 +27,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 def make_optimizer(params: Iterable[nn.Parameter], lr: float, momentum: float,
-                   weight_decay: float, total_steps: int
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+                   weight_decay: float, total_steps: int) -> tuple[SGD, CosineSchedule]:
     """SGD with momentum; the learning rate follows a cosine from ``lr`` to 0 over the steps."""
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
-    return opt, sched
+    opt = SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return opt, CosineSchedule(opt, total_steps)
 
 
 @dataclass
@@ -53,7 +50,7 @@ class EpochStats:
 
 
 def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float,
-                label_smoothing: float, opt: torch.optim.Optimizer) -> tuple[torch.Tensor, dict]:
+                label_smoothing: float, opt: SGD) -> tuple[torch.Tensor, dict]:
     """One update of one module and its head on input ``x``; returns the module's output,
     detached, for the next module (parallel mode) and the step's numbers.
 
