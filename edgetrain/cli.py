@@ -8,11 +8,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from edgetrain.config import FitConfig
 from edgetrain.errors import UserInputError
-from edgetrain.units import MemorySize, format_bytes
+from edgetrain.reporting import print_plan, print_report
+from edgetrain.units import MemorySize
 
 app = typer.Typer(
     add_completion=False,
@@ -152,50 +152,18 @@ def fit(
             memory_budget=budget.bytes if budget else None,
             memory_budget_text=memory_budget,
         ).validate()
-        report = run_fit(config, progress=progress)
+        report = run_fit(config, progress=progress,
+                         on_plan=lambda plan: print_plan(plan, console))
     except UserInputError as e:
         _fail(str(e), code=2)
     except NonFiniteLossError as e:
         _fail(str(e), code=3)
     except KeyboardInterrupt:
         _fail(f"Interrupted. Finished modules are saved in {out}.", code=130)
-    print_report(report, out)
-
-
-def print_report(report: dict, out: Path) -> None:
-    table = Table(
-        title=f"edgetrain fit: {report['method']} ({report['mode']}), "
-        f"{report['model']} on {report['dataset']}"
-    )
-    for column in ("module", "blocks", "tau", "aux test acc", "train time", "train peak"):
-        table.add_column(column, justify="right")
-    for m in report["modules"]:
-        acc = m["aux_test_accuracy"]
-        table.add_row(
-            str(m["module"] + 1),
-            f"{m['blocks'][0]}-{m['blocks'][1] - 1}",
-            f"{m['tau']:g}",
-            f"{acc:.2%}" if acc is not None else "-",
-            f"{m['train_time_s']:.1f} s",
-            format_bytes(m["train_peak_memory_bytes"]),
-        )
-    if report["modules"]:
-        console.print(table)
-    console.print(
-        f"test accuracy (stitched network, raw test set): "
-        f"[bold]{report['test_accuracy']:.2%}[/bold]"
-    )
-    console.print(
-        f"wall time: {report['wall_time_s']:.1f} s   peak memory: "
-        f"{format_bytes(report['peak_memory_bytes'])} ({report['memory_measured']}); "
-        f"framework baseline {format_bytes(report['framework_baseline_bytes'])}"
-    )
-    if report.get("memory_budget_bytes"):
-        console.print(
-            f"memory budget: {format_bytes(report['memory_budget_bytes'])} "
-            "(recorded; not yet enforced by a planner)"
-        )
-    console.print(f"run folder: {out}")
+    print_report(report, out, console)
+    if report["budget_exceeded"]:
+        _fail("the measured peak memory exceeded --memory-budget: see the phases table above "
+              "and report.json (budget_exceeded). The run's results are kept.", code=4)
 
 
 def _fail(message: str, code: int) -> None:
@@ -205,3 +173,17 @@ def _fail(message: str, code: int) -> None:
 
 def main() -> None:
     app()
+
+
+# Device profiles and benchmarks (issue 5); the commands live in edgetrain/cli_bench.py.
+from edgetrain.cli_bench import bench_app, devices  # noqa: E402
+
+app.command()(devices)
+app.add_typer(bench_app, name="bench")
+
+# ONNX export and on-device training artifacts (issue 4); the commands live in
+# edgetrain/cli_onnx.py.
+from edgetrain.cli_onnx import export, export_artifacts  # noqa: E402
+
+app.command()(export)
+app.command("export-artifacts")(export_artifacts)

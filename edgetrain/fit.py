@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -11,11 +12,12 @@ from edgetrain.config import FitConfig
 from edgetrain.data import load_dataset
 from edgetrain.errors import UserInputError
 from edgetrain.memory.meter import MemoryMeter, current_rss_bytes
+from edgetrain.memory.planner import MemoryPlan, make_plan
 from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import split_network
 from edgetrain.runs.files import save_weights, write_json_atomic
 from edgetrain.runs.progress import ProgressBars
-from edgetrain.runs.rundir import prepare_run_dir
+from edgetrain.runs.rundir import RunDir, check_run_dir, prepare_run_dir
 from edgetrain.training import scheduler
 
 
@@ -31,8 +33,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def fit(config: FitConfig, progress: bool = False) -> dict:
-    """Train as ``config`` says; write everything to ``config.out``; return the report."""
+def fit(config: FitConfig, progress: bool = False,
+        on_plan: Callable[[MemoryPlan], None] | None = None) -> dict:
+    """Train as ``config`` says; write everything to ``config.out``; return the report.
+
+    With a memory budget, the planner probes every phase first and either fits it into the
+    budget (``on_plan`` sees the plan before training starts) or raises BudgetError; the guard
+    then compares each phase's measured peak with the budget (``report["budget_exceeded"]``).
+    """
     # Framework baseline: what the process holds before any data or model exists (torch,
     # its libraries, Python). Reported apart from training memory.
     framework_bytes = current_rss_bytes()
@@ -44,7 +52,21 @@ def fit(config: FitConfig, progress: bool = False) -> dict:
                         config.train_limit, config.test_limit, config.seed)
     spec = resnet_spec(config.model, data.info.in_channels, config.widths)
     plans = split_network(spec, config.modules, data.info.image_size, config.split)
-    run = prepare_run_dir(config.out, config.to_json(), config.overwrite)
+    # Refuse an occupied --out before spending time on probes; the folder is written after.
+    check_run_dir(config.out, config.overwrite)
+    meter = MemoryMeter(device)
+    ctx = scheduler.Context(config, data, spec, plans, scheduler.tau_for(config), device,
+                            RunDir(config.out), meter, ProgressBars(progress))
+    if config.memory_budget is not None:
+        from edgetrain.training.probes import phases
+
+        # Before anything is written: a budget that cannot be met leaves no run folder behind.
+        ctx.memory_plan = make_plan(phases(ctx), config.batch_size, config.memory_budget, meter,
+                                    framework_bytes=framework_bytes,
+                                    budget_text=config.memory_budget_text)
+        if on_plan is not None:
+            on_plan(ctx.memory_plan)
+    run = ctx.run = prepare_run_dir(config.out, config.to_json(), config.overwrite)
     write_json_atomic(run.model_info_path, {
         "architecture": "cifar-resnet", "model": config.model, "widths": list(config.widths),
         "in_channels": data.info.in_channels, "num_classes": data.info.num_classes,
@@ -52,11 +74,11 @@ def fit(config: FitConfig, progress: bool = False) -> dict:
         "std": list(data.info.std), "dataset": data.info.name,
         "modules": [[p.start, p.stop] for p in plans],
     })
-    meter = MemoryMeter(device)
-    ctx = scheduler.Context(config, data, spec, plans, scheduler.tau_for(config), device, run,
-                            meter, ProgressBars(progress))
     run.log("start", device=str(device), memory_backend=meter.backend,
             framework_baseline_bytes=framework_bytes)
+    if ctx.memory_plan is not None:
+        write_json_atomic(run.root / "plan.json", ctx.memory_plan.as_dict())
+        run.log("plan", **ctx.memory_plan.as_dict())
 
     start = time.perf_counter()
     with ctx.bars:
@@ -78,6 +100,7 @@ def fit(config: FitConfig, progress: bool = False) -> dict:
 
     cache_peaks = [m["cache_peak_memory_bytes"] for m in modules
                    if m.get("cache_peak_memory_bytes") is not None]
+    phases_report = guard(ctx, modules, train_peak, eval_peak)
     report = {
         "test_accuracy": accuracy,
         "modules": modules,
@@ -92,6 +115,9 @@ def fit(config: FitConfig, progress: bool = False) -> dict:
         "memory_backend": meter.backend,
         "memory_measured": meter.description,
         "memory_budget_bytes": config.memory_budget,
+        "memory_plan": ctx.memory_plan.as_dict() if ctx.memory_plan else None,
+        "phases": phases_report,
+        "budget_exceeded": any(p["within_budget"] is False for p in phases_report),
         "method": config.method, "mode": config.mode, "cache": config.cache,
         "activation_checkpointing": config.activation_checkpointing,
         "cache_dtype": config.cache_dtype, "cache_views": config.cache_views,
@@ -105,6 +131,26 @@ def fit(config: FitConfig, progress: bool = False) -> dict:
     run.write_report(report)
     run.log("done", test_accuracy=accuracy, wall_time_s=report["wall_time_s"])
     return report
+
+
+def guard(ctx: scheduler.Context, modules: list[dict], train_peak: int, eval_peak: int
+          ) -> list[dict]:
+    """Each phase's predicted and measured peak, and whether it stayed within the budget."""
+    budget = ctx.config.memory_budget
+    plan = ctx.memory_plan
+    rows = []
+    if ctx.config.method != "e2e" and ctx.config.mode == "sequential":
+        for m in modules:
+            measured = max(m["train_peak_memory_bytes"], m["cache_peak_memory_bytes"] or 0)
+            rows.append((f"module {m['module'] + 1}", m["predicted_peak_memory_bytes"],
+                         measured))
+    else:
+        rows.append((plan.phases[0].phase if plan else "training",
+                     plan.phases[0].predicted_peak_bytes if plan else None, train_peak))
+    rows.append(("final evaluation", None, eval_peak))
+    return [{"phase": name, "predicted_peak_bytes": predicted, "measured_peak_bytes": measured,
+             "within_budget": None if budget is None else measured <= budget}
+            for name, predicted, measured in rows]
 
 
 def _device_name(device: torch.device) -> str:

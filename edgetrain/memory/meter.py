@@ -14,6 +14,9 @@ Backends:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +50,42 @@ def _vmhwm_resettable() -> bool:
     return _read_status_kib("VmHWM") is not None
 
 
+def release_free_memory(device: torch.device | None = None) -> None:
+    """Give freed memory back before a phase starts, so its peak is its own.
+
+    Python objects are collected, CUDA's cache is emptied, and glibc is asked to return free
+    heap pages to the OS (``malloc_trim``): without it, memory a previous phase freed stays in
+    the process's resident set and hides the next phase's real growth.
+    """
+    gc.collect()
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
 @dataclass(frozen=True)
 class PeakReading:
+    """Peak of the phase. On CUDA also the allocator's reserved bytes and what the whole device
+    has in use (``mem_get_info``: the CUDA context and other processes, which the allocator
+    does not see)."""
+
     peak_bytes: int
     backend: str
+    reserved_bytes: int | None = None
+    device_used_bytes: int | None = None
 
 
 class MemoryMeter:
@@ -83,7 +118,10 @@ class MemoryMeter:
             "psutil-sampling": f"process resident set sampled every {self.interval_s * 1e3:g} ms",
         }[self.backend]
 
-    def reset(self) -> None:
+    def reset(self, release: bool = True) -> None:
+        """Start a new phase; by default first release memory earlier phases freed."""
+        if release:
+            release_free_memory(self.device)
         if self.backend == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -99,7 +137,9 @@ class MemoryMeter:
     def read(self) -> PeakReading:
         if self.backend == "cuda":
             torch.cuda.synchronize(self.device)
-            return PeakReading(torch.cuda.max_memory_allocated(self.device), self.backend)
+            free, total = torch.cuda.mem_get_info(self.device)
+            return PeakReading(torch.cuda.max_memory_allocated(self.device), self.backend,
+                               torch.cuda.max_memory_reserved(self.device), total - free)
         if self.backend == "linux-vmhwm":
             return PeakReading(_read_status_kib("VmHWM") or current_rss_bytes(), self.backend)
         return PeakReading(max(self._sampled_peak, current_rss_bytes()), self.backend)

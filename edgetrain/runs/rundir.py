@@ -82,14 +82,8 @@ class RunDir:
         return json.loads(self.report_path.read_text())
 
 
-def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> RunDir:
-    """Create ``out`` for a new run.
-
-    An existing run there is never silently mixed with a new one: it is replaced only with
-    ``--overwrite``. A folder that holds other files is refused, so nothing of the user's is
-    deleted by mistake.
-    """
-    run = RunDir(out)
+def check_run_dir(out: Path, overwrite: bool) -> None:
+    """Raise if ``out`` cannot take a new run (see :func:`prepare_run_dir`); changes nothing."""
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file, not a folder. Choose another --out.")
     if out.exists() and any(out.iterdir()):
@@ -103,6 +97,18 @@ def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> RunDir:
                 f"--out {out} already holds a run. Pass --overwrite to replace it, "
                 "or choose another --out."
             )
+
+
+def prepare_run_dir(out: Path, config_json: str, overwrite: bool) -> RunDir:
+    """Create ``out`` for a new run.
+
+    An existing run there is never silently mixed with a new one: it is replaced only with
+    ``--overwrite``. A folder that holds other files is refused, so nothing of the user's is
+    deleted by mistake.
+    """
+    run = RunDir(out)
+    check_run_dir(out, overwrite)
+    if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

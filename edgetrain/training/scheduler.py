@@ -41,6 +41,7 @@ from edgetrain.cache import CacheWriter, FeatureCache
 from edgetrain.config import FitConfig
 from edgetrain.data import DataBundle, augment_batch, iterate_batches, normalize
 from edgetrain.memory.meter import MemoryMeter
+from edgetrain.memory.planner import MemoryPlan
 from edgetrain.models.network import (
     StitchedNetwork,
     build_head,
@@ -81,6 +82,27 @@ class Context:
     run: RunDir
     meter: MemoryMeter
     bars: ProgressBars
+    memory_plan: MemoryPlan | None = None
+
+    def micro_batch(self, phase: int) -> int | None:
+        """The planner's micro-batch for this phase (None: the whole batch at once)."""
+        if self.memory_plan is None:
+            return None
+        return self.memory_plan.phase(phase).micro_batch
+
+    def inference_batch_size(self, phase: int | None = None) -> int:
+        """Batch size for evaluation and caching: the planned micro-batch, so inference never
+        holds more activations than the training the planner fitted into the budget."""
+        if self.memory_plan is None:
+            return self.config.batch_size
+        phases = self.memory_plan.phases
+        if phase is None or len(phases) == 1:
+            return min(p.micro_batch for p in phases)
+        return phases[phase].micro_batch
+
+    def checkpointing(self, phase: int) -> bool:
+        planned = self.memory_plan is not None and self.memory_plan.phase(phase).checkpointing
+        return self.config.activation_checkpointing or planned
 
     @property
     def num_classes(self) -> int:
@@ -99,24 +121,27 @@ class Context:
 # ---------------------------------------------------------------------------------------------
 
 def raw_batches(ctx: Context, train: bool, shuffle: bool, augment_seed: int | None,
-                order_seed: int = 0) -> Batches:
+                order_seed: int = 0, batch_size: int | None = None) -> Batches:
     """Raw images as normalised float batches on the device, augmented if ``augment_seed``."""
     dataset = ctx.data.train if train else ctx.data.test
     info = ctx.data.info
     order = ctx.generator(1, order_seed) if shuffle else None
     aug = ctx.generator(2, augment_seed) if augment_seed is not None else None
-    for images, labels in iterate_batches(dataset, ctx.config.batch_size, shuffle, order):
+    for images, labels in iterate_batches(dataset, batch_size or ctx.config.batch_size, shuffle,
+                                          order):
         images = images.to(ctx.device, non_blocking=True)
         if aug is not None:
             images = augment_batch(images, info.crop_padding, info.hflip, aug)
         yield normalize(images, info), labels.to(ctx.device, non_blocking=True)
 
 
-def cached_batches(ctx: Context, directory, shuffle: bool, order_seed: int = 0) -> Batches:
+def cached_batches(ctx: Context, directory, shuffle: bool, order_seed: int = 0,
+                   batch_size: int | None = None) -> Batches:
     """Batches of a module's cached outputs, read from disk a batch at a time."""
     order = ctx.generator(3, order_seed) if shuffle else None
     with FeatureCache.open(directory, verify=False) as cache:
-        for features, labels in cache.batches(ctx.config.batch_size, shuffle, order):
+        for features, labels in cache.batches(batch_size or ctx.config.batch_size, shuffle,
+                                              order):
             # Features are stored in --cache-dtype; compute runs in float32.
             yield (features.to(ctx.device, torch.float32, non_blocking=True),
                    labels.to(ctx.device, non_blocking=True))
@@ -137,13 +162,14 @@ def module_inputs(ctx: Context, k: int, train: bool, epoch: int,
     """The input of module ``k``: raw data (k = 0), cache k-1, or raw data through the frozen
     modules (``--cache none``). Training batches are shuffled, test batches are not."""
     cfg = ctx.config
+    batch_size = None if train else ctx.inference_batch_size(k)
     if k > 0 and cfg.cache == "disk":
         split = f"train_v{epoch % cfg.cache_views}" if train else "test"
         return cached_batches(ctx, ctx.run.cache_dir(k - 1, split), shuffle=train,
-                              order_seed=k * 10_000 + epoch)
+                              order_seed=k * 10_000 + epoch, batch_size=batch_size)
     raw = raw_batches(ctx, train, shuffle=train,
                       augment_seed=(k * 10_000 + epoch) if train else None,
-                      order_seed=k * 10_000 + epoch)
+                      order_seed=k * 10_000 + epoch, batch_size=batch_size)
     return through_frozen(frozen, raw) if frozen else raw
 
 
@@ -166,11 +192,14 @@ def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module) -> f
     splits = [(f"train_v{v}", True, v) for v in range(cfg.cache_views)] + [("test", False, 0)]
     accuracy = 0.0
     for split, train, view in splits:
+        batch_size = ctx.inference_batch_size(k)
         if k == 0:
             inputs = raw_batches(ctx, train, shuffle=False,
-                                 augment_seed=(1_000_000 + view) if view > 0 else None)
+                                 augment_seed=(1_000_000 + view) if view > 0 else None,
+                                 batch_size=batch_size)
         else:
-            inputs = cached_batches(ctx, ctx.run.cache_dir(k - 1, split), shuffle=False)
+            inputs = cached_batches(ctx, ctx.run.cache_dir(k - 1, split), shuffle=False,
+                                    batch_size=batch_size)
         count = len(ctx.data.train if train else ctx.data.test)
         correct = 0
         directory = ctx.run.cache_dir(k, split)
@@ -202,7 +231,7 @@ def train_sequential(ctx: Context) -> list[dict]:
         # Only module k and its head are built: nothing else of the network is allocated.
         module = build_module(ctx.spec, plan).to(ctx.device)
         head = build_head(plan, ctx.num_classes).to(ctx.device)
-        set_checkpointing(module, cfg.activation_checkpointing)
+        set_checkpointing(module, ctx.checkpointing(k))
         if cfg.backend == "ort":
             from edgetrain.onnx.ort_training import train_module_ort
 
@@ -256,7 +285,7 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
             stats = EpochStats()
             for step, (x, y) in enumerate(module_inputs(ctx, k, True, epoch, frozen)):
                 _, numbers = greedy_step(module, head, x, y, ctx.taus[k], cfg.label_smoothing,
-                                         opt)
+                                         opt, ctx.micro_batch(k))
                 sched.step()
                 _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
@@ -291,7 +320,7 @@ def train_parallel(ctx: Context) -> list[dict]:
     for k, plan in enumerate(ctx.plans):
         torch.manual_seed(cfg.seed * 1000 + k)
         modules.append(build_module(ctx.spec, plan).to(ctx.device))
-        set_checkpointing(modules[-1], cfg.activation_checkpointing)
+        set_checkpointing(modules[-1], ctx.checkpointing(0))
         heads.append(build_head(plan, ctx.num_classes).to(ctx.device))
         optimizers.append(make_optimizer([*modules[k].parameters(), *heads[k].parameters()],
                                          cfg.lr, cfg.momentum, cfg.weight_decay, steps))
@@ -306,14 +335,15 @@ def train_parallel(ctx: Context) -> list[dict]:
                     # Module k's backward runs (and frees its activations) before module k+1's
                     # forward: one module's activations are alive at a time.
                     x, numbers = greedy_step(module, head, x, y, ctx.taus[k],
-                                             cfg.label_smoothing, opt)
+                                             cfg.label_smoothing, opt, ctx.micro_batch(0))
                     sched.step()
                     _accumulate_or_stop(stats[k], numbers, len(y), k, epoch, step)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
                 for m in (*modules, *heads):
                     m.eval()
-                accuracies = evaluate(modules, heads, raw_batches(ctx, False, False, None))
+                accuracies = evaluate(modules, heads, raw_batches(
+                    ctx, False, False, None, batch_size=ctx.inference_batch_size()))
             for k in range(len(modules)):
                 ctx.run.log("epoch", module=k, epoch=epoch,
                             lr=optimizers[k][1].get_last_lr()[0],
@@ -337,7 +367,7 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
     ctx.meter.reset()
     torch.manual_seed(cfg.seed * 1000)
     network = build_network(ctx.spec, ctx.plans, ctx.num_classes).to(ctx.device)
-    set_checkpointing(network, cfg.activation_checkpointing)
+    set_checkpointing(network, ctx.checkpointing(0))
     steps = cfg.epochs * _steps_per_epoch(ctx)
     opt, sched = make_optimizer(network.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
                                 steps)
@@ -346,27 +376,41 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
             network.train()
             stats = EpochStats()
             for step, (x, y) in enumerate(raw_batches(ctx, True, True, epoch, epoch)):
-                # Peak memory: every layer's activations are alive here, at the end of forward.
-                logits = network(x)
-                loss, ce = module_loss(logits, y, logits.new_zeros(()), float("inf"),
-                                       cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                numbers = end_to_end_step(network, x, y, cfg.label_smoothing, opt,
+                                          ctx.micro_batch(0))
                 sched.step()
-                numbers = {"loss": loss.detach(), "ce": ce.detach(),
-                           "transport": torch.zeros(()), "correct": (logits.argmax(1) == y).sum()}
                 _accumulate_or_stop(stats, numbers, len(y), None, epoch, step)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
             accuracy = None
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
                 network.eval()
-                (accuracy,) = evaluate([_Whole(network)], [nn.Identity()],
-                                       raw_batches(ctx, False, False, None))
+                (accuracy,) = evaluate([_Whole(network)], [nn.Identity()], raw_batches(
+                    ctx, False, False, None, batch_size=ctx.inference_batch_size()))
             ctx.run.log("epoch", module=None, epoch=epoch, lr=sched.get_last_lr()[0],
                         test_accuracy=accuracy, **stats.as_dict())
     ctx.run.log("phase", name="e2e", peak_memory_bytes=ctx.meter.read().peak_bytes)
     return network
+
+
+def end_to_end_step(network: StitchedNetwork, x: torch.Tensor, y: torch.Tensor,
+                    label_smoothing: float, opt, micro_batch: int | None) -> dict:
+    """One end-to-end update, accumulated over micro-batches if the planner asked for it."""
+    opt.zero_grad(set_to_none=True)
+    n = len(y)
+    size = micro_batch if micro_batch and micro_batch < n else n
+    sums = {"loss": 0.0, "ce": 0.0, "transport": torch.zeros(()), "correct": 0}
+    for xs, ys in zip(x.split(size), y.split(size)):
+        # Peak memory: every layer's activations are alive here, at the end of forward.
+        logits = network(xs)
+        loss, _ = module_loss(logits, ys, logits.new_zeros(()), float("inf"), label_smoothing)
+        share = len(ys) / n
+        (loss * share if share < 1 else loss).backward()
+        sums["loss"] += loss.detach() * share
+        sums["ce"] += loss.detach() * share
+        sums["correct"] += (logits.argmax(1) == ys).sum()
+        del logits, loss
+    opt.step()
+    return sums
 
 
 class _Whole(nn.Module):
@@ -401,7 +445,8 @@ def test_accuracy(ctx: Context, network: StitchedNetwork) -> float:
     """End-to-end accuracy of the stitched network on the raw (normalised) test set."""
     freeze(network)
     (accuracy,) = evaluate([_Whole(network)], [nn.Identity()],
-                           raw_batches(ctx, False, False, None))
+                           raw_batches(ctx, False, False, None,
+                                       batch_size=ctx.inference_batch_size()))
     return accuracy
 
 
@@ -433,7 +478,12 @@ def _module_state(module: nn.Module, head: nn.Module) -> dict[str, torch.Tensor]
 def _module_result(ctx: Context, k: int, accuracy: float | None, train_time: float,
                    train_peak: int, cache_time: float, cache_peak: int | None) -> dict:
     plan = ctx.plans[k]
+    phase = ctx.memory_plan.phase(k if ctx.config.mode == "sequential" else 0) \
+        if ctx.memory_plan else None
     return {"module": k, "blocks": [plan.start, plan.stop], "tau": ctx.taus[k],
+            "predicted_peak_memory_bytes": phase.predicted_peak_bytes if phase else None,
+            "micro_batch": phase.micro_batch if phase else ctx.config.batch_size,
+            "checkpointing": ctx.checkpointing(k if ctx.config.mode == "sequential" else 0),
             "aux_test_accuracy": accuracy, "train_time_s": round(train_time, 3),
             "train_peak_memory_bytes": train_peak, "cache_time_s": round(cache_time, 3),
             "cache_peak_memory_bytes": cache_peak}

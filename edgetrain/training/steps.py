@@ -50,26 +50,40 @@ class EpochStats:
 
 
 def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float,
-                label_smoothing: float, opt: SGD) -> tuple[torch.Tensor, dict]:
+                label_smoothing: float, opt: SGD, micro_batch: int | None = None
+                ) -> tuple[torch.Tensor, dict]:
     """One update of one module and its head on input ``x``; returns the module's output,
     detached, for the next module (parallel mode) and the step's numbers.
 
-    Peak memory of the step is here, at the end of the forward pass: the module's and the
-    head's saved activations (plus each block's residue, if the transport term is on) are all
+    With ``micro_batch`` smaller than the batch, gradients are accumulated over micro-batches
+    (each loss weighted by its share of the batch), so the update is that of the whole batch
+    up to BatchNorm, which normalises each micro-batch on its own.
+
+    Peak memory of the step is at the end of each micro-batch's forward pass: the module's and
+    the head's saved activations (plus each block's residue, if the transport term is on) are
     alive until ``backward`` frees them.
     """
-    out, transport = module(x, need_transport=transport_weight(tau) > 0)
-    logits = head(out)
-    loss, ce = module_loss(logits, y, transport, tau, label_smoothing)
-    # Flush last step's gradients as late as possible but before backward: set_to_none frees
-    # their memory instead of zero-filling it.
+    # Flush last step's gradients before the forward pass: set_to_none frees their memory,
+    # so it is not held while activations pile up.
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    n = len(y)
+    size = micro_batch if micro_batch and micro_batch < n else n
+    outputs, sums = [], {"loss": 0.0, "ce": 0.0, "transport": 0.0, "correct": 0}
+    for xs, ys in zip(x.split(size), y.split(size)):
+        out, transport = module(xs, need_transport=transport_weight(tau) > 0)
+        logits = head(out)
+        loss, ce = module_loss(logits, ys, transport, tau, label_smoothing)
+        share = len(ys) / n
+        (loss * share if share < 1 else loss).backward()
+        # The output goes on without its graph: the next module must not backpropagate here.
+        outputs.append(out.detach())
+        sums["loss"] += loss.detach() * share
+        sums["ce"] += ce.detach() * share
+        sums["transport"] += transport.detach() * share
+        sums["correct"] += (logits.argmax(1) == ys).sum()
+        del out, logits, loss, ce, transport  # this micro-batch's graph is gone after backward
     opt.step()
-    numbers = {"loss": loss.detach(), "ce": ce.detach(), "transport": transport.detach(),
-               "correct": (logits.argmax(1) == y).sum()}
-    # The output goes on without its graph: the next module must not backpropagate into this one.
-    return out.detach(), numbers
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), sums
 
 
 def accumulate(stats: EpochStats, numbers: dict, batch: int) -> None:

@@ -1,0 +1,173 @@
+"""The `--memory-budget` planner: fit each training phase into the budget before it starts.
+
+For every phase (one module and its head in sequential mode; all modules in parallel mode; the
+whole network end to end) the planner runs a short probe (``PROBE_STEPS`` forward/backward/SGD
+steps at two small batch sizes, on random inputs of the phase's real input shape), measures the
+peak with the meter, and fits ``peak(b) = fixed + per_sample * b``. ``fixed`` holds everything
+that does not grow with the batch: the framework, the dataset, weights, gradients, optimizer
+state; ``per_sample`` the activations kept for backward. Then, against ``usable = budget * (1 -
+SAFETY_MARGIN)``:
+
+1. the requested batch size if ``peak(B)`` fits;
+2. else the largest micro-batch that fits, with gradient accumulation up to the requested batch
+   (same effective batch and learning rate; BatchNorm then normalises over micro-batches, so
+   results differ slightly), as long as the micro-batch is at least ``MIN_MICRO_BATCH``;
+3. else the same with activation checkpointing inside the module (re-probed);
+4. else stop before training with an error naming the phase, its minimum need and the budget.
+
+Splitting a module into finer modules is not tried automatically; the error suggests a larger
+``--modules`` instead.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from edgetrain.errors import UserInputError
+from edgetrain.memory.meter import MemoryMeter
+from edgetrain.units import format_bytes
+
+SAFETY_MARGIN = 0.10
+"""Share of the budget kept free for what a probe cannot see (allocator fragmentation, a
+larger last batch of the cache reader, Python garbage)."""
+MIN_MICRO_BATCH = 8
+"""Smallest micro-batch the planner will choose before it turns to checkpointing: below it,
+BatchNorm statistics get noisy and throughput collapses."""
+PROBE_STEPS = 2
+
+
+class BudgetError(UserInputError):
+    """The run cannot fit the memory budget; raised before any training."""
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """How one phase (a module, or the whole network) will train, and what it should cost."""
+
+    phase: str
+    batch_size: int
+    micro_batch: int
+    accumulation: int
+    checkpointing: bool
+    fixed_bytes: int
+    per_sample_bytes: float
+    predicted_peak_bytes: int
+    probes: list[tuple[int, int]] = field(default_factory=list)
+    """(batch size, measured peak bytes) of each probe step set."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget_bytes: int
+    usable_bytes: int
+    safety_margin: float
+    meter: str
+    phases: list[PhasePlan]
+    probe_time_s: float
+
+    def phase(self, index: int) -> PhasePlan:
+        return self.phases[index]
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "phases": [asdict(p) for p in self.phases]}
+
+
+Prober = Callable[[int, bool], None]
+"""``prober(batch_size, checkpointing)`` builds the phase, runs PROBE_STEPS training steps at
+that batch size and frees everything it built."""
+
+
+def measure(prober: Prober, batch_size: int, checkpointing: bool, meter: MemoryMeter) -> int:
+    meter.reset()
+    prober(batch_size, checkpointing)
+    return meter.read().peak_bytes
+
+
+def fit_line(prober: Prober, batch_size: int, checkpointing: bool, meter: MemoryMeter
+             ) -> tuple[int, float, list[tuple[int, int]]]:
+    """Probe at two small batch sizes and fit ``peak = fixed + per_sample * b``."""
+    small = max(2, min(batch_size, 32) // 4)
+    large = max(small * 2, min(batch_size, 32))
+    # The first probe pays one-off costs (lazy kernel loading, allocator warm-up): run it once
+    # unmeasured so they land in neither point of the line... but in the fixed cost below.
+    warm = measure(prober, small, checkpointing, meter)
+    p_small = measure(prober, small, checkpointing, meter)
+    p_large = measure(prober, large, checkpointing, meter)
+    per_sample = max(0.0, (p_large - p_small) / (large - small))
+    # Whatever the warm-up raised the resident set to stays resident: count it as fixed.
+    fixed = max(p_small - per_sample * small, warm - per_sample * small)
+    return int(fixed), per_sample, [(small, warm), (small, p_small), (large, p_large)]
+
+
+def plan_phase(phase: str, prober: Prober, batch_size: int, usable: int, meter: MemoryMeter,
+               checkpointing: bool = False) -> PhasePlan | int:
+    """A plan for one phase, or, if nothing fits, the least it needs (at the smallest
+    micro-batch the planner allows)."""
+    fixed, per_sample, probes = fit_line(prober, batch_size, checkpointing, meter)
+
+    def predict(b: int) -> int:
+        return int(fixed + per_sample * b)
+
+    smallest = min(batch_size, MIN_MICRO_BATCH)
+    if predict(batch_size) <= usable:
+        micro = batch_size
+    elif per_sample > 0 and predict(smallest) <= usable:
+        micro = min(batch_size, int((usable - fixed) // per_sample))
+    else:
+        return predict(smallest)
+    accumulation = math.ceil(batch_size / micro)
+    micro = math.ceil(batch_size / accumulation)  # even micro-batches
+    return PhasePlan(phase, batch_size, micro, accumulation, checkpointing, fixed, per_sample,
+                     predict(micro), probes)
+
+
+def make_plan(phases: list[tuple[str, Prober]], batch_size: int, budget: int,
+              meter: MemoryMeter, margin: float = SAFETY_MARGIN, framework_bytes: int = 0,
+              budget_text: str | None = None) -> MemoryPlan:
+    """Plan every phase; raise BudgetError naming each phase that cannot fit.
+
+    All phases are first tried without checkpointing; only those that do not fit are re-probed
+    with it (its first use loads more of torch, which would inflate every later probe).
+    """
+    start = time.perf_counter()
+    usable = int(budget * (1 - margin))
+    results: dict[str, PhasePlan | int] = {}
+    for checkpointing in (False, True):
+        for name, prober in phases:
+            if isinstance(results.get(name), PhasePlan):
+                continue
+            result = plan_phase(name, prober, batch_size, usable, meter, checkpointing)
+            results[name] = result if isinstance(result, PhasePlan) else min(
+                result, results.get(name, result))
+    failures = [(name, r) for name, r in results.items() if not isinstance(r, PhasePlan)]
+    if failures:
+        flag = f"--memory-budget {budget_text or budget}"
+        lines = [f"{name} needs at least {format_bytes(need)} (micro-batch "
+                 f"{min(batch_size, MIN_MICRO_BATCH)})"
+                 for name, need in failures]
+        hint = ("Raise --memory-budget, or use a larger --modules (smaller modules), a smaller "
+                "--model or --widths.")
+        if framework_bytes * (1 + margin) > usable:
+            hint = (f"The framework alone (Python and torch, before any data or model) already "
+                    f"takes {format_bytes(framework_bytes)} here, so no run fits this budget on "
+                    f"this machine: raise --memory-budget above "
+                    f"{format_bytes(framework_bytes / (1 - margin) * 1.2)}.")
+        raise BudgetError(
+            f"{flag} ({format_bytes(budget)}) is too small: after the {margin:.0%} safety "
+            f"margin {format_bytes(usable)} is usable, but " + "; ".join(lines)
+            + f" (measured with: {meter.description}). {hint}"
+        )
+    plans = [results[name] for name, _ in phases]
+    return MemoryPlan(budget, usable, margin, meter.description, plans,
+                      round(time.perf_counter() - start, 3))
+
+
+def random_batch(shape: tuple[int, ...], batch_size: int, num_classes: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.randn(batch_size, *shape, device=device),
+            torch.randint(0, num_classes, (batch_size,), device=device))

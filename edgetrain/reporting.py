@@ -1,0 +1,57 @@
+"""Tables for people: the memory plan before training, the results after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from edgetrain.memory.planner import MemoryPlan
+from edgetrain.units import format_bytes
+
+
+def print_plan(plan: MemoryPlan, console: Console) -> None:
+    table = Table(title=f"memory plan: budget {format_bytes(plan.budget_bytes)}, "
+                        f"usable {format_bytes(plan.usable_bytes)} after a "
+                        f"{plan.safety_margin:.0%} margin (probes took {plan.probe_time_s:.0f} s)")
+    for column in ("phase", "batch", "micro-batch x steps", "checkpointing", "fixed",
+                   "per sample", "predicted peak"):
+        table.add_column(column, justify="right")
+    for p in plan.phases:
+        table.add_row(p.phase, str(p.batch_size), f"{p.micro_batch} x {p.accumulation}",
+                      "yes" if p.checkpointing else "no", format_bytes(p.fixed_bytes),
+                      format_bytes(p.per_sample_bytes), format_bytes(p.predicted_peak_bytes))
+    console.print(table)
+    console.print(f"measured with: {plan.meter}")
+
+
+def print_report(report: dict, out: Path, console: Console) -> None:
+    table = Table(title=f"edgetrain fit: {report['method']} ({report['mode']}), "
+                        f"{report['model']} on {report['dataset']}")
+    for column in ("module", "blocks", "tau", "aux test acc", "train time", "train peak"):
+        table.add_column(column, justify="right")
+    for m in report["modules"]:
+        acc = m["aux_test_accuracy"]
+        table.add_row(str(m["module"] + 1), f"{m['blocks'][0]}-{m['blocks'][1] - 1}",
+                      f"{m['tau']:g}", f"{acc:.2%}" if acc is not None else "-",
+                      f"{m['train_time_s']:.1f} s", format_bytes(m["train_peak_memory_bytes"]))
+    if report["modules"]:
+        console.print(table)
+    if report.get("memory_budget_bytes"):
+        budget = report["memory_budget_bytes"]
+        guard = Table(title=f"memory guard: budget {format_bytes(budget)}")
+        for column in ("phase", "predicted peak", "measured peak", "within budget"):
+            guard.add_column(column, justify="right")
+        for p in report["phases"]:
+            predicted = p["predicted_peak_bytes"]
+            guard.add_row(p["phase"], format_bytes(predicted) if predicted else "-",
+                          format_bytes(p["measured_peak_bytes"]),
+                          "yes" if p["within_budget"] else "[bold red]NO[/bold red]")
+        console.print(guard)
+    console.print(f"test accuracy (stitched network, raw test set): "
+                  f"[bold]{report['test_accuracy']:.2%}[/bold]")
+    console.print(f"wall time: {report['wall_time_s']:.1f} s   peak memory: "
+                  f"{format_bytes(report['peak_memory_bytes'])} ({report['memory_measured']}); "
+                  f"framework baseline {format_bytes(report['framework_baseline_bytes'])}")
+    console.print(f"run folder: {out}")

@@ -1,0 +1,164 @@
+"""The meter, budget parsing, the step breakdown, the planner and the guard."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgetrain.cli import app
+from edgetrain.errors import UserInputError
+from edgetrain.memory.breakdown import count_saved_activations, greedy_step_cost
+from edgetrain.memory.meter import MemoryMeter
+from edgetrain.memory.planner import BudgetError, make_plan
+from edgetrain.models.network import build_head, build_module
+from edgetrain.models.resnet import resnet_spec
+from edgetrain.models.split import split_network
+from edgetrain.training.steps import greedy_step, make_optimizer
+from edgetrain.units import MemorySize
+
+TINY = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "2", "--epochs", "1",
+        "--train-limit", "600", "--test-limit", "300", "--batch-size", "64", "--threads", "2",
+        "--no-progress"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2GB", 2 * 10**9), ("1.5GiB", 3 * 2**29), ("512MB", 512 * 10**6),
+    ("2000000000", 2 * 10**9), ("300 MiB", 300 * 2**20), ("1gb", 10**9), ("64KiB", 65536),
+])
+def test_budget_parsing(text, expected):
+    assert MemorySize.parse(text).bytes == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "2 GBs", "-1GB", "0", "two GB", "1e9", "2 G B",
+                                  "nan", "1.5.2GB"])
+def test_budget_parsing_rejects(text):
+    with pytest.raises(UserInputError, match="--memory-budget"):
+        MemorySize.parse(text)
+
+
+def test_cpu_meter_sees_a_200mb_tensor():
+    meter = MemoryMeter(torch.device("cpu"))
+    meter.reset()
+    before = meter.read().peak_bytes
+    block = torch.ones(50_000_000)  # 200 MB of float32, touched by the fill
+    grown = meter.read().peak_bytes - before
+    del block
+    # Tolerance 5%: the allocation itself plus page-table and allocator slack.
+    assert grown == pytest.approx(200_000_000, rel=0.05), meter.description
+    meter.reset()
+    assert meter.read().peak_bytes < before + 100_000_000  # the reset forgot the old peak
+
+
+def test_saved_activation_count_is_exact_for_a_linear_layer():
+    lin = torch.nn.Linear(100, 50)
+    x = torch.randn(32, 100)
+    _, saved = count_saved_activations(lambda: lin(x).relu().sum(), list(lin.parameters()))
+    # addmm keeps its input (32x100 floats) for the weight gradient; relu keeps its output.
+    assert saved == (32 * 100 + 32 * 50) * 4
+
+
+def test_breakdown_of_a_module_step():
+    spec = resnet_spec("resnet8", 1, (8, 16, 16))
+    plan = split_network(spec, 2, 28)[0]
+    module, head = build_module(spec, plan), build_head(plan, 10)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    with_penalty = greedy_step_cost(module, head, x, y, tau=1.0)
+    module.zero_grad(), head.zero_grad()
+    without = greedy_step_cost(module, head, x, y, tau=float("inf"))
+    params = sum(p.numel() * 4 for p in (*module.parameters(), *head.parameters()))
+    assert with_penalty.grads_bytes == params == with_penalty.optimizer_bytes
+    assert with_penalty.input_bytes == 16 * 28 * 28 * 4 + 16 * 8
+    # The transport penalty keeps each block's residue for backward: more saved activations.
+    assert with_penalty.saved_activation_bytes > without.saved_activation_bytes > 0
+
+
+def test_micro_batches_give_the_same_update():
+    """Gradient accumulation over micro-batches equals the whole-batch step (BN in eval mode,
+    where it does not depend on the batch)."""
+    spec = resnet_spec("resnet8", 1, (8, 16, 16))
+    plan = split_network(spec, 1, 12)[0]
+    torch.manual_seed(0)
+    a, ha = build_module(spec, plan).eval(), build_head(plan, 10).eval()
+    b, hb = build_module(spec, plan).eval(), build_head(plan, 10).eval()
+    b.load_state_dict(a.state_dict()), hb.load_state_dict(ha.state_dict())
+    x, y = torch.randn(12, 1, 12, 12), torch.randint(0, 10, (12,))
+    for model, head, micro in ((a, ha, None), (b, hb, 4)):
+        opt, _ = make_optimizer([*model.parameters(), *head.parameters()], 0.1, 0.9, 5e-4, 1)
+        out, numbers = greedy_step(model, head, x, y, 1.0, 0.0, opt, micro)
+        assert out.shape[0] == 12
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _module_phase(batch_size=64):
+    from edgetrain.training.probes import module_prober
+    from edgetrain.training.scheduler import Context
+
+    spec = resnet_spec("resnet8", 1, (8, 16, 16))
+    plans = split_network(spec, 2, 28)
+
+    class Data:  # only what a module prober reads
+        class info:
+            num_classes = 10
+
+    class Config:
+        lr, momentum, weight_decay = 0.05, 0.9, 5e-4
+
+    ctx = Context.__new__(Context)
+    ctx.__dict__.update(config=Config, data=Data, spec=spec, plans=plans, taus=[0.5, 1.0],
+                        device=torch.device("cpu"))
+    return [("module 1", module_prober(ctx, 0))]
+
+
+def test_planner_keeps_the_batch_when_it_fits_and_shrinks_it_when_not():
+    meter = MemoryMeter(torch.device("cpu"))
+    roomy = make_plan(_module_phase(), 64, 50 * 10**9, meter)
+    phase = roomy.phases[0]
+    assert (phase.micro_batch, phase.accumulation, phase.checkpointing) == (64, 1, False)
+    assert phase.per_sample_bytes > 0 and phase.fixed_bytes > 0
+    # A budget with room for about a quarter of the batch's activations.
+    tight = int((phase.fixed_bytes + phase.per_sample_bytes * 16) / 0.9)
+    planned = make_plan(_module_phase(), 64, tight, meter).phases[0]
+    assert planned.micro_batch < 64 and planned.accumulation > 1
+    assert planned.micro_batch * planned.accumulation >= 64
+    assert planned.predicted_peak_bytes <= tight * 0.9
+
+
+def test_planner_refuses_an_impossible_budget_with_the_named_error():
+    meter = MemoryMeter(torch.device("cpu"))
+    with pytest.raises(BudgetError) as err:
+        make_plan(_module_phase(), 64, 300 * 10**6, meter, framework_bytes=500 * 10**6,
+                  budget_text="300MB")
+    message = str(err.value)
+    assert "--memory-budget 300MB" in message and "module 1 needs at least" in message
+    assert "framework alone" in message
+
+
+def test_fit_under_a_tight_budget_stays_under_it(tmp_path):
+    """Plan from a roomy probe, then ask for a budget that forces micro-batches: the run must
+    plan them, and its measured peak must stay within the budget."""
+    meter = MemoryMeter(torch.device("cpu"))
+    phase = make_plan(_module_phase(), 64, 50 * 10**9, meter).phases[0]
+    # Room for ~24 samples of activations in module 1 on top of this process's fixed cost,
+    # plus the dataset and the run's other buffers.
+    budget = int((phase.fixed_bytes + phase.per_sample_bytes * 24) / 0.9) + 30 * 2**20
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["fit", *TINY, "--out", str(out), "--memory-budget",
+                                      str(budget)])
+    report = json.loads((out / "report.json").read_text())
+    assert result.exit_code == 0, result.output
+    assert (out / "plan.json").exists()
+    assert report["memory_plan"]["phases"][0]["micro_batch"] < 64
+    assert report["budget_exceeded"] is False
+    assert all(p["measured_peak_bytes"] <= budget for p in report["phases"])
+    assert report["test_accuracy"] > 0.2
+
+
+def test_impossible_budget_stops_before_training(tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["fit", *TINY, "--out", str(out), "--memory-budget",
+                                      "100MB"])
+    assert result.exit_code == 2
+    assert "--memory-budget 100MB" in result.output and "module 1" in result.output
+    assert not out.exists()  # nothing was written: there was nothing to keep
