@@ -11,6 +11,7 @@ from rich.console import Console
 
 from edgetrain.config import FitConfig
 from edgetrain.errors import UserInputError
+from edgetrain.memory.planner import BudgetError
 from edgetrain.reporting import print_plan, print_report
 from edgetrain.units import MemorySize
 
@@ -41,6 +42,7 @@ def _widths(text: str) -> tuple[int, ...]:
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     memory_budget: Annotated[
         str | None,
         typer.Option(
@@ -111,6 +113,13 @@ def fit(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/latest"),
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    device_profile: Annotated[
+        str | None,
+        typer.Option(
+            help="Apply a device profile (see `edgetrain devices`): its memory budget, cache "
+            "dtype and device; flags you give win. Simulated (budget only) on another machine."
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train a network module by module (TRGL), or end to end as the baseline."""
@@ -144,6 +153,7 @@ def fit(
             cache_dtype=cache_dtype,
             cache_views=cache_views,
             backend=backend,
+            activation_checkpointing=activation_checkpointing,
             device=device,
             seed=seed,
             threads=threads,
@@ -151,9 +161,16 @@ def fit(
             overwrite=overwrite,
             memory_budget=budget.bytes if budget else None,
             memory_budget_text=memory_budget,
-        ).validate()
+        )
+        if device_profile is not None:
+            from edgetrain.cli_bench import with_device_profile
+
+            config = with_device_profile(config, device_profile, ctx)
+        config = config.validate()
         report = run_fit(config, progress=progress,
                          on_plan=lambda plan: print_plan(plan, console))
+    except BudgetError as e:
+        _fail(str(e), code=5)
     except UserInputError as e:
         _fail(str(e), code=2)
     except NonFiniteLossError as e:
@@ -187,3 +204,9 @@ from edgetrain.cli_onnx import export, export_artifacts  # noqa: E402
 
 app.command()(export)
 app.command("export-artifacts")(export_artifacts)
+
+# Memory profile of every training method (issue 3); the command lives in
+# edgetrain/cli_profile.py.
+from edgetrain.cli_profile import profile  # noqa: E402
+
+app.command()(profile)

@@ -122,6 +122,13 @@ class FitConfig:
         elif self.backend == "ort" and (self.mode != "sequential" or self.method == "e2e"):
             problems.append("--backend ort trains modules one at a time: use it with "
                             "--mode sequential and --method trgl or vanilla.")
+        elif self.backend == "ort":
+            from edgetrain.onnx.runtime import training_api
+
+            try:
+                training_api("--backend ort")
+            except UserInputError as e:
+                problems.extend(e.problems)
         from edgetrain.cache import CACHE_DTYPES
 
         if self.cache_dtype not in CACHE_DTYPES:

@@ -109,12 +109,16 @@ def fit(config: FitConfig, progress: bool = False,
         "train_peak_memory_bytes": train_peak,
         # What training added on top of the framework (torch and its libraries, loaded before
         # anything was built): the figure module-wise training exists to shrink.
-        "training_memory_bytes": max(0, max([train_peak, *cache_peaks]) - framework_bytes),
+        # On a discrete GPU the allocator's peak holds no framework: it is all training memory.
+        "training_memory_bytes": (max([train_peak, *cache_peaks]) if meter.backend == "cuda"
+                                  else max(0, max([train_peak, *cache_peaks]) - framework_bytes)),
         "eval_peak_memory_bytes": eval_peak,
         "framework_baseline_bytes": framework_bytes,
         "memory_backend": meter.backend,
         "memory_measured": meter.description,
         "memory_budget_bytes": config.memory_budget,
+        "device_profile": config.extra.get("device_profile"),
+        "simulated": config.extra.get("simulated"),
         "memory_plan": ctx.memory_plan.as_dict() if ctx.memory_plan else None,
         "phases": phases_report,
         "budget_exceeded": any(p["within_budget"] is False for p in phases_report),

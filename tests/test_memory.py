@@ -136,18 +136,22 @@ def test_planner_refuses_an_impossible_budget_with_the_named_error():
 
 
 def test_fit_under_a_tight_budget_stays_under_it(tmp_path):
-    """Plan from a roomy probe, then ask for a budget that forces micro-batches: the run must
-    plan them, and its measured peak must stay within the budget."""
-    meter = MemoryMeter(torch.device("cpu"))
-    phase = make_plan(_module_phase(), 64, 50 * 10**9, meter).phases[0]
-    # Room for ~24 samples of activations in module 1 on top of this process's fixed cost,
-    # plus the dataset and the run's other buffers.
-    budget = int((phase.fixed_bytes + phase.per_sample_bytes * 24) / 0.9) + 30 * 2**20
+    """Learn the run's costs from a roomy plan, then ask for a budget that forces
+    micro-batches: the run must plan them, and its measured peak must stay within it."""
+    roomy = tmp_path / "roomy"
+    result = CliRunner().invoke(app, ["fit", *TINY, "--out", str(roomy), "--memory-budget",
+                                      "50GB"])
+    assert result.exit_code == 0, result.output
+    phases = json.loads((roomy / "plan.json").read_text())["phases"]
+    assert [p["micro_batch"] for p in phases] == [64, 64]
+    # Room for ~16 samples of module 1's activations (the costlier module) over its fixed cost.
+    first = phases[0]
+    budget = int((first["fixed_bytes"] + first["per_sample_bytes"] * 16) / 0.9)
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["fit", *TINY, "--out", str(out), "--memory-budget",
                                       str(budget)])
-    report = json.loads((out / "report.json").read_text())
     assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
     assert (out / "plan.json").exists()
     assert report["memory_plan"]["phases"][0]["micro_batch"] < 64
     assert report["budget_exceeded"] is False
@@ -159,6 +163,6 @@ def test_impossible_budget_stops_before_training(tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["fit", *TINY, "--out", str(out), "--memory-budget",
                                       "100MB"])
-    assert result.exit_code == 2
+    assert result.exit_code == 5
     assert "--memory-budget 100MB" in result.output and "module 1" in result.output
     assert not out.exists()  # nothing was written: there was nothing to keep

@@ -1,0 +1,77 @@
+"""`edgetrain profile`: parse flags, call edgetrain.memory.profile, print the table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgetrain.errors import UserInputError
+from edgetrain.units import format_bytes
+
+console = Console()
+
+
+def profile(
+    model: Annotated[str, typer.Option(help="resnet8/14/20/32/44/56/110.")] = "resnet56",
+    widths: Annotated[str, typer.Option(help="Channels per stage.")] = "16,32,64",
+    dataset: Annotated[str, typer.Option(help="Dataset (as for fit).")] = "fashion-mnist",
+    data_dir: Annotated[Path | None, typer.Option(help="Folder with dataset files.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 256,
+    modules: Annotated[int, typer.Option("--modules", "-K", help="K for greedy methods.")] = 4,
+    split: Annotated[str, typer.Option(help="even | balanced.")] = "even",
+    steps: Annotated[int, typer.Option(help="Training steps measured per variant.")] = 3,
+    device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        help="Only these variants: e2e, e2e-ckpt, vanilla-seq, trgl-seq, vanilla-par, "
+             "trgl-par.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for profile.json and profile.png.")] = Path(
+        "runs/profile"),
+) -> None:
+    """Peak memory of end-to-end, checkpointed, vanilla greedy and TRGL training, each in a
+    clean subprocess, against end-to-end and the analytic floor."""
+    from edgetrain.cli import _fail, _widths
+    from edgetrain.memory.profile import ProfileSpec
+    from edgetrain.memory.profile import profile as run_profile
+
+    try:
+        if batch_size < 1 or steps < 1 or modules < 1:
+            raise UserInputError("--batch-size, --steps and --modules must be at least 1.")
+        if device not in ("cpu", "cuda"):
+            raise UserInputError(f"--device {device!r}: choose cpu or cuda.")
+        spec = ProfileSpec(model=model, widths=_widths(widths), dataset=dataset,
+                           data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
+                           modules=modules, split=split, steps=steps, device=device,
+                           threads=threads)
+        data = run_profile(spec, out, only, on_result=lambda r: console.print(
+            f"  {r['variant']}: peak {format_bytes(r['peak_bytes'])}"))
+    except UserInputError as e:
+        _fail(str(e), code=2)
+    print_profile(data)
+    console.print(f"written: {out / 'profile.json'}, {out / 'profile.png'}")
+
+
+def print_profile(data: dict) -> None:
+    spec = data["spec"]
+    table = Table(title=f"edgetrain profile: {spec['model']} on {spec['dataset']}, batch "
+                        f"{spec['batch_size']}, K = {spec['modules']} ({spec['split']} split)")
+    for column in ("variant", "peak (total)", "training-only", "vs e2e", "step time",
+                   "analytic floor", "measured / floor", "goal <= e2e/K + head"):
+        table.add_column(column, justify="right")
+    for r in data["results"]:
+        ratio = r.get("ratio_to_e2e")
+        goal = r.get("goal_1_over_k")
+        table.add_row(r["variant"], format_bytes(r["peak_bytes"]),
+                      format_bytes(r["training_only_bytes"]),
+                      f"{ratio:.2f}" if ratio is not None else "-", f"{r['step_time_s']:.2f} s",
+                      format_bytes(r["floor_bytes"]), f"{r['measured_over_floor']:.2f}",
+                      ("met" if goal["met"] else "missed") if goal else "-")
+    console.print(table)
+    first = data["results"][0]
+    console.print(f"framework baseline {format_bytes(first['framework_bytes'])}, data "
+                  f"{format_bytes(first['data_bytes'])}; measured with: {first['meter']}. "
+                  "training-only = peak - (framework + data).")

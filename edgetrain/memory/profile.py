@@ -1,0 +1,113 @@
+"""`edgetrain profile`: peak memory of each training method for one network, side by side.
+
+Every variant runs in its own subprocess (edgetrain/memory/worker.py), so each peak starts
+from a clean process. The table sets each variant's training-only peak against end-to-end's,
+and against its analytic floor: weights + gradients + optimizer state + saved activations
+(counted with saved_tensors_hooks) + input batch of the largest module and its head.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgetrain.errors import UserInputError
+from edgetrain.runs.files import write_json_atomic
+
+VARIANTS = [  # (name, method, mode)
+    ("e2e", "e2e", "sequential"),
+    ("e2e-ckpt", "e2e-ckpt", "sequential"),
+    ("vanilla-seq", "vanilla", "sequential"),
+    ("trgl-seq", "trgl", "sequential"),
+    ("vanilla-par", "vanilla", "parallel"),
+    ("trgl-par", "trgl", "parallel"),
+]
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    model: str = "resnet56"
+    widths: tuple[int, ...] = (16, 32, 64)
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    train_limit: int | None = None
+    batch_size: int = 256
+    modules: int = 4
+    split: str = "even"
+    steps: int = 3
+    tau: float = 1.0
+    device: str = "cpu"
+    threads: int | None = None
+
+
+def run_variant(spec: ProfileSpec, name: str, method: str, mode: str) -> dict:
+    payload = json.dumps({**asdict(spec), "variant": name, "method": method, "mode": mode})
+    proc = subprocess.run([sys.executable, "-m", "edgetrain.memory.worker", payload],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise UserInputError(f"profiling {name} failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def profile(spec: ProfileSpec, out: Path, variants: list[str] | None = None,
+            on_result=None) -> dict:
+    """Run the variants, write ``out/profile.json`` and ``out/profile.png``; return the data."""
+    from edgetrain.models.resnet import resnet_spec
+
+    resnet_spec(spec.model, 1, spec.widths)  # a bad --model fails here, before any subprocess
+    if variants:
+        unknown = sorted(set(variants) - {v[0] for v in VARIANTS})
+        if unknown:
+            raise UserInputError(f"--only {', '.join(unknown)}: not a variant; choose from "
+                                 f"{', '.join(v[0] for v in VARIANTS)}.")
+    results = []
+    for name, method, mode in VARIANTS:
+        if variants and name not in variants:
+            continue
+        results.append(run_variant(spec, name, method, mode))
+        if on_result:
+            on_result(results[-1])
+    e2e = next((r for r in results if r["variant"] == "e2e"), None)
+    for r in results:
+        r["ratio_to_e2e"] = (r["training_only_bytes"] / e2e["training_only_bytes"]
+                             if e2e and e2e["training_only_bytes"] else None)
+        r["measured_over_floor"] = r["training_only_bytes"] / r["floor_bytes"]
+        if e2e and r["method"] in ("vanilla", "trgl") and r["mode"] == "sequential":
+            head = r["floor"]["parts"].get("head_bytes", 0)
+            target = e2e["training_only_bytes"] / spec.modules + head
+            r["goal_1_over_k"] = {"target_bytes": int(target),
+                                  "met": r["training_only_bytes"] <= target}
+        r["goal_within_20pct_of_floor"] = abs(r["measured_over_floor"] - 1) <= 0.2
+    data = {"spec": asdict(spec), "results": results}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "profile.json", data)
+    plot(data, out / "profile.png")
+    return data
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = data["results"]
+    names = [r["variant"] for r in results]
+    mib = 2**20
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.bar(names, [r["training_only_bytes"] / mib for r in results], color="#4c72b0",
+           label="measured training-only peak")
+    ax.scatter(names, [r["floor_bytes"] / mib for r in results], color="#dd8452", zorder=3,
+               marker="_", s=600, linewidths=3, label="analytic floor")
+    spec = data["spec"]
+    ax.set_title(f"{spec['model']}, {spec['dataset']}, batch {spec['batch_size']}, "
+                 f"K = {spec['modules']} ({spec['split']} split)")
+    ax.set_ylabel("MiB above framework + data")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
