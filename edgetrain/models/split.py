@@ -114,6 +114,19 @@ def split_network(spec: ResNetSpec, num_modules: int, image_size: int,
         raise UserInputError(
             f"--split {strategy!r} is not known; choose one of {', '.join(SPLIT_STRATEGIES)}."
         )
+    return plan_modules(spec, sizes, image_size)
+
+
+def plan_modules(spec: ResNetSpec, sizes: list[int], image_size: int) -> list[ModulePlan]:
+    """The plans of modules holding ``sizes[k]`` consecutive blocks each (a recorded split,
+    e.g. the ``modules`` field of a run's model.json, is rebuilt from its sizes).
+
+    >>> from edgetrain.models.resnet import resnet_spec
+    >>> [(p.start, p.stop, p.out_size) for p in plan_modules(resnet_spec("resnet8", 1), [2, 1], 28)]
+    [(0, 2, 14), (2, 3, 7)]
+    """
+    if sum(sizes) != len(spec.blocks) or any(s < 1 for s in sizes):
+        raise ValueError(f"module sizes {sizes} do not cover the {len(spec.blocks)} blocks")
     plans, start, size = [], 0, image_size
     for index, count in enumerate(sizes):
         blocks = spec.blocks[start:start + count]

@@ -1,0 +1,216 @@
+"""Turn OUT/results.jsonl into OUT/results.md (a table) and OUT/memory_vs_accuracy.png.
+
+Memory on the x axis is *training* memory: the run's peak minus the framework baseline (torch
+and its libraries, resident before anything is built), or the CUDA allocator's peak on a
+discrete GPU. That is the part module-wise training changes, and the part a device's memory
+budget has to hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetrain.bench.runner import FINISHED, RESULTS, read_results
+from edgetrain.errors import UserInputError
+from edgetrain.units import format_bytes
+
+TABLE = "results.md"
+PLOT = "memory_vs_accuracy.png"
+MARKERS = {"e2e": "o", "e2e-ckpt": "s", "vanilla": "^", "trgl": "D"}
+COLORS = {"e2e": "tab:gray", "e2e-ckpt": "tab:brown", "vanilla": "tab:blue", "trgl": "tab:red"}
+
+
+def latest_results(lines: list[dict]) -> list[dict]:
+    """One line per run id, in first-seen order: its last finished line, else its last line (a
+    run that failed, then succeeded on a rerun, shows as succeeded)."""
+    best: dict[str, dict] = {}
+    for line in lines:
+        current = best.get(line["run_id"])
+        if (current is None or line.get("status") in FINISHED
+                or current.get("status") not in FINISHED):
+            best[line["run_id"]] = line
+    return list(best.values())
+
+
+def _measured(r: dict) -> bool:
+    """Runs with numbers: finished, within the budget or over it."""
+    return r["status"] in ("ok", "over_budget")
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both counts (less or equal memory ``x``
+    and higher accuracy ``y``), by increasing ``x``: the best accuracy each memory buys.
+
+    >>> pareto_front([(100, 80), (50, 70), (60, 65), (200, 80), (300, 90)])
+    [1, 0, 4]
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front: list[int] = []
+    best = float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    table: Path
+    plot: Path
+    finished: int
+    """Runs that finished (within the budget, over it, or refused by the planner)."""
+    failed: int
+    """Runs whose latest attempt failed."""
+
+
+def write_report(out: Path) -> ReportFiles:
+    """Rebuild OUT/results.md and OUT/memory_vs_accuracy.png from OUT/results.jsonl."""
+    lines = read_results(out / RESULTS)
+    if not lines:
+        raise UserInputError(f"{out / RESULTS} has no results: run `edgetrain bench run --out "
+                             f"{out}` first, or give the folder a bench wrote.")
+    results = latest_results(lines)
+    table_path, plot_path = out / TABLE, out / PLOT
+    table_path.write_text(markdown_report(results))
+    plot_memory_vs_accuracy(results, plot_path)
+    finished = sum(r["status"] in FINISHED for r in results)
+    return ReportFiles(table_path, plot_path, finished, len(results) - finished)
+
+
+def _group(r: dict) -> tuple:
+    """Runs compared with each other (and with one e2e baseline): same data and model."""
+    return (r.get("dataset") or r["config"].get("dataset"), r.get("model"))
+
+
+def _cell(value: object) -> str:
+    return "–" if value is None else str(value)
+
+
+_STATUS = {"ok": "ok", "over_budget": "over budget", "does_not_fit": "does not fit"}
+
+
+def markdown_report(results: list[dict]) -> str:
+    ok = [r for r in results if _measured(r)]
+    baselines: dict[tuple, int] = {}
+    for r in ok:
+        if r["method"] == "e2e":
+            baselines.setdefault(_group(r), r["training_memory_bytes"])
+    datasets = {_group(r)[0] for r in results}
+    head = results[0]
+    machine = head.get("machine") or {}
+    gpus = ", ".join(g["name"] for g in machine.get("gpus", [])) or "none"
+    out = [f"# edgetrain bench: {head.get('preset')}", ""]
+    out.append(f"Machine: {machine.get('board') or machine.get('cpu')}, "
+               f"{format_bytes(machine.get('memory_bytes', 0))} RAM, GPU: {gpus}, "
+               f"torch {machine.get('torch')}.")
+    if head.get("device_profile"):
+        how = ("simulated on this machine: the profile's budget and cache dtype were applied "
+               "here, the numbers are this machine's" if head.get("simulated")
+               else "run on the device itself")
+        out.append(f"Device profile: {head['device_profile']} ({how}).")
+    out += ["", "Training memory is the peak minus the framework baseline (torch and its "
+            "libraries); on a discrete GPU, the CUDA allocator's peak. *vs e2e* is training "
+            "memory over the end-to-end run's, same data and model.", ""]
+    columns = ["method", "K", "mode", "cache", "test acc", "peak memory", "training memory",
+               "vs e2e", "wall time", "status"]
+    if len(datasets) > 1:
+        columns.insert(0, "dataset")
+    out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in results:
+        row = [r["method"], _cell(r["modules"]), _cell(r["mode"]), _cell(r["cache"])]
+        if _measured(r):
+            base = baselines.get(_group(r))
+            ratio = f"{r['training_memory_bytes'] / base:.2f}" if base else "–"
+            row += [f"{100 * r['test_accuracy']:.2f}%", format_bytes(r["peak_memory_bytes"]),
+                    format_bytes(r["training_memory_bytes"]), ratio,
+                    f"{r['wall_time_s']:.1f} s", _STATUS[r["status"]]]
+        elif r["status"] == "does_not_fit":
+            row += ["–"] * 5 + [_STATUS["does_not_fit"]]
+        else:
+            row += ["–"] * 5 + [f"failed (exit {r.get('returncode')})"]
+        if len(datasets) > 1:
+            row.insert(0, _cell(_group(r)[0]))
+        out.append("| " + " | ".join(row) + " |")
+    budget = next((r for r in results if r.get("memory_budget_bytes")), None)
+    if budget:
+        size = format_bytes(budget["memory_budget_bytes"])
+        text = f"{budget['memory_budget']} ({size})" if budget.get("memory_budget") else size
+        out += ["", f"Memory budget {text} (--memory-budget, enforced by the "
+                "planner): *over budget* ran but a measured peak exceeded it; *does not fit* "
+                "was refused before training."]
+    for r in results:
+        if r["status"] != "ok" and r.get("stderr_tail"):
+            tail = r["stderr_tail"].strip().splitlines()[-3:]
+            out += ["", f"{_STATUS.get(r['status'], 'Failed')}: `{r['run_id']}`:", "```",
+                    *tail, "```"]
+    return "\n".join(out) + "\n"
+
+
+def _point_label(r: dict, varied: set[str]) -> str:
+    if r["modules"] is None:
+        return ""
+    parts = [f"K={r['modules']}"]
+    if "mode" in varied:
+        parts.append("par" if r["mode"] == "parallel" else "seq")
+    if "cache" in varied and r["cache"]:
+        parts.append(r["cache"])
+    return " ".join(parts)
+
+
+def plot_memory_vs_accuracy(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on boards and CI machines
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in results if _measured(r)]
+    groups = sorted({_group(r) for r in measured}, key=str) or [(None, None)]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.4 * len(groups), 4.8), squeeze=False)
+    greedy = [r for r in measured if r["modules"] is not None]
+    varied = {key for key in ("mode", "cache")
+              if len({r[key] for r in greedy if r[key] is not None}) > 1}
+    for ax, group in zip(axes[0], groups):
+        runs = [r for r in measured if _group(r) == group]
+        points = [(r["training_memory_bytes"] / 2**20, 100 * r["test_accuracy"]) for r in runs]
+        for method in MARKERS:
+            for over in (False, True):
+                mine = [(p, r) for p, r in zip(points, runs) if r["method"] == method
+                        and (r["status"] == "over_budget") == over]
+                if not mine:
+                    continue
+                # A run over the budget is drawn hollow: measured, but it does not fit the device.
+                ax.scatter([p[0] for p, _ in mine], [p[1] for p, _ in mine],
+                           label=f"{method} (over budget)" if over else method,
+                           marker=MARKERS[method], s=45, zorder=3,
+                           facecolors="none" if over else COLORS[method],
+                           edgecolors=COLORS[method])
+                for (x, y), r in mine:
+                    ax.annotate(_point_label(r, varied), (x, y), textcoords="offset points",
+                                xytext=(5, 4), fontsize=8)
+        within = [i for i, r in enumerate(runs) if r["status"] == "ok"]
+        front = [points[within[j]] for j in pareto_front([points[i] for i in within])]
+        if front:
+            xs, ys = [p[0] for p in front], [p[1] for p in front]
+            # The best accuracy reachable within a given memory: flat until the next point.
+            ax.step(xs + [max(p[0] for p in points)], ys + [ys[-1]], where="post",
+                    color="black", linestyle="--", linewidth=1, label="Pareto front", zorder=2)
+            ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", linewidths=1.2,
+                       zorder=4)
+        dataset, model = group
+        ax.set_title(" / ".join(str(v) for v in (dataset, model) if v) or "no finished runs")
+        ax.set_xlabel("training peak memory (MiB)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        if runs:
+            ax.legend(fontsize=8, loc="lower right")
+    profile = results[0].get("device_profile") if results else None
+    title = f"edgetrain bench: {results[0].get('preset') if results else ''}"
+    if profile:
+        title += f", profile {profile}" + (" (simulated)" if results[0].get("simulated") else "")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

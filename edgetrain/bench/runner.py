@@ -1,0 +1,266 @@
+"""Run a benchmark grid: one `edgetrain fit` subprocess per run, one JSON line per result.
+
+Each run gets a fresh process so that its memory peak is its own (nothing left over from the
+runs before it, no torch state shared) and a crash fails only that run. The driver itself never
+imports torch: on a unified-memory board its CUDA context would eat into the runs' memory.
+
+    for run in grid:
+        skip it if OUT/results.jsonl has a finished line with the same run id
+        python -m edgetrain fit FLAGS --out OUT/runs/RUN_ID --overwrite
+        append {run config, machine, accuracy, memory, time, status} to OUT/results.jsonl
+
+A failed run is recorded with status "failed" and the end of its stderr, and the grid goes on;
+the next invocation retries it. Under a memory budget, a run can also end "over_budget" (it ran,
+but a measured peak exceeded the budget: its numbers are kept) or "does_not_fit" (the planner
+refused it before training); both are results, not retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgetrain.bench.grid import (
+    Preset,
+    RunSpec,
+    expand,
+    explicit_fields,
+    fit_args,
+    load_preset,
+    to_fit_config,
+)
+from edgetrain.devices import DeviceProfile, apply_profile, is_simulated, load_profile
+from edgetrain.errors import UserInputError
+from edgetrain.machine import MachineInfo, detect_machine
+
+RESULTS = "results.jsonl"
+RUNS = "runs"
+_STDERR_TAIL = 4000
+
+# `edgetrain fit` exit codes that are results, not failures. 4: the run finished but a phase's
+# measured peak exceeded --memory-budget (report.json is written). 5: the planner found before
+# training that the run cannot fit the budget (no report).
+EXIT_OVER_BUDGET = 4
+EXIT_DOES_NOT_FIT = 5
+# Statuses of a finished run (not retried by a rerun); anything else is "failed".
+FINISHED = ("ok", "over_budget", "does_not_fit")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    spec: RunSpec
+    args: list[str]
+    """`edgetrain fit` flags, without --out."""
+    run_id: str
+    memory_budget_bytes: int | None
+    memory_budget_text: str | None
+
+
+def plan(preset: Preset, profile: DeviceProfile | None = None,
+         simulated: bool = False) -> list[PlannedRun]:
+    """The preset's runs with the profile applied, each checked as `edgetrain fit` would check
+    it, so a bad preset fails before the first run starts, naming the preset file."""
+    planned, problems = [], []
+    for spec in expand(preset):
+        explicit = explicit_fields(spec.fit)
+        try:
+            config = to_fit_config(spec.fit)
+            if profile is not None:
+                config = apply_profile(config, profile, explicit, simulated)
+                explicit |= {"memory_budget_text", "cache_dtype", "device"}
+            config.validate()
+        except (UserInputError, TypeError) as e:
+            problems.append(f"run {spec.label}: {e}")
+            continue
+        args = fit_args(config, explicit)
+        planned.append(PlannedRun(spec, args, spec.run_id(args), config.memory_budget,
+                                  config.memory_budget_text))
+    if problems:
+        raise UserInputError([f"preset {preset.path}: {p}" for p in problems])
+    return planned
+
+
+def read_results(path: Path) -> list[dict]:
+    """Every line of a results.jsonl; a line cut short by a killed bench is ignored."""
+    if not path.exists():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def finished_ids(path: Path) -> set[str]:
+    return {r["run_id"] for r in read_results(path) if r.get("status") in FINISHED}
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A benchmark ready to run: the preset's runs with the device profile applied."""
+
+    preset: Preset
+    profile: DeviceProfile | None
+    machine: MachineInfo
+    simulated: bool
+    """True if the profile's device is not this machine: its budget is simulated here."""
+    runs: list[PlannedRun]
+
+
+def prepare_bench(preset: str, device_profile: str | None = None,
+                  only: list[str] | None = None) -> Bench:
+    """Load the preset (name or path) and the profile; plan and check every run; keep the runs
+    whose label contains one of ``only`` (all if None)."""
+    loaded = load_preset(preset)
+    profile = load_profile(device_profile) if device_profile else None
+    machine = detect_machine()
+    simulated = profile is not None and is_simulated(profile, machine)
+    runs = plan(loaded, profile, simulated)
+    if only:
+        chosen = [r for r in runs if any(o in r.spec.label for o in only)]
+        if not chosen:
+            raise UserInputError(
+                f"--only {' '.join(only)} matches no run of preset {loaded.name!r}; its runs "
+                f"are {', '.join(r.spec.label for r in runs)}."
+            )
+        runs = chosen
+    return Bench(loaded, profile, machine, simulated, runs)
+
+
+def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print) -> list[dict]:
+    """Run what is not finished yet; return the lines appended to OUT/results.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / RESULTS
+    done = finished_ids(results)
+    context = {
+        "preset": bench.preset.name,
+        "device_profile": bench.profile.name if bench.profile else None,
+        "simulated": bench.simulated if bench.profile else None,
+        "machine": bench.machine.to_dict(),
+    }
+    written = []
+    for i, run in enumerate(bench.runs, 1):
+        tag = f"[{i}/{len(bench.runs)}] {run.spec.label}"
+        if run.run_id in done:
+            log(f"{tag}: done before, skipped")
+            continue
+        log(f"{tag}: running")
+        line = {**context, **run_one(run, out / RUNS / run.run_id)}
+        _append_line(results, line)
+        written.append(line)
+        if "test_accuracy" in line:
+            log(f"{tag}: {line['status']}, test accuracy {line['test_accuracy']:.2%}, training "
+                f"memory {line['training_memory_bytes'] / 2**20:.0f} MiB, "
+                f"{line['wall_time_s']:.0f} s")
+        elif line["status"] == "does_not_fit":
+            log(f"{tag}: does not fit the memory budget (see results.md)")
+        else:
+            last = line["stderr_tail"].strip().splitlines()[-1:] or ["(no output)"]
+            log(f"{tag}: FAILED (exit code {line['returncode']}): {last[0]}")
+    return written
+
+
+def run_one(run: PlannedRun, run_dir: Path) -> dict:
+    """One `edgetrain fit` subprocess; its report.json turned into one result line."""
+    cmd = [sys.executable, "-m", "edgetrain", "fit", *run.args, "--out", str(run_dir),
+           "--overwrite", "--no-progress"]
+    report_path = run_dir / "report.json"
+    # A report left by an earlier attempt must not pass for this run's.
+    report_path.unlink(missing_ok=True)
+    started = datetime.now(timezone.utc)
+    clock = time.perf_counter()
+    # Rich would otherwise wrap the child's messages at 80 columns in the stderr tail.
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = {
+        "run_id": run.run_id,
+        "method": run.spec.method,
+        "modules": run.spec.modules,
+        "mode": run.spec.mode,
+        "cache": run.spec.cache,
+        "fit_args": run.args,
+        "config": run.spec.fit,
+        "memory_budget_bytes": run.memory_budget_bytes,
+        "memory_budget": run.memory_budget_text,
+        "run_dir": str(run_dir),
+        "started_at": started.isoformat(timespec="seconds"),
+        "process_time_s": round(time.perf_counter() - clock, 3),
+        "returncode": proc.returncode,
+    }
+    tail = (proc.stderr or proc.stdout)[-_STDERR_TAIL:]
+    if proc.returncode in (0, EXIT_OVER_BUDGET) and report_path.exists():
+        report = json.loads(report_path.read_text())
+        wrong = mismatches(run.spec.fit, report)
+        if wrong:
+            # A result under the wrong label is worse than none: fail it loudly.
+            return {**line, "status": "failed", "stderr_tail": "report.json does not match the "
+                    f"flags the bench gave `edgetrain fit`: {wrong}"}
+        status = "ok" if proc.returncode == 0 else "over_budget"
+        extra = {} if proc.returncode == 0 else {"stderr_tail": tail}
+        return {**line, "status": status, **extra, **result_fields(report)}
+    if proc.returncode == EXIT_DOES_NOT_FIT:
+        return {**line, "status": "does_not_fit", "stderr_tail": tail}
+    return {**line, "status": "failed", "stderr_tail": tail}
+
+
+def mismatches(fit: dict, report: dict) -> str:
+    """Settings the run asked for that its report says it did not use ("" if none)."""
+    wanted = {"method": fit.get("method"), "num_modules": fit.get("modules"),
+              "activation_checkpointing": fit.get("activation_checkpointing") or None}
+    return "; ".join(f"asked for {key}={value!r}, report.json has {report.get(key)!r}"
+                     for key, value in wanted.items()
+                     if value is not None and key in report and report[key] != value)
+
+
+def result_fields(report: dict) -> dict:
+    """What a result line keeps from a run's report.json."""
+    return {
+        "test_accuracy": report["test_accuracy"],
+        "peak_memory_bytes": report["peak_memory_bytes"],
+        "training_memory_bytes": training_memory_bytes(report),
+        "framework_baseline_bytes": report.get("framework_baseline_bytes"),
+        "memory_backend": report.get("memory_backend"),
+        "memory_measured": report.get("memory_measured"),
+        "wall_time_s": report["wall_time_s"],
+        "epochs": report.get("epochs"),
+        "dataset": report.get("dataset"),
+        "model": report.get("model"),
+        "batch_size": report.get("batch_size"),
+        "train_samples": report.get("train_samples"),
+        "test_samples": report.get("test_samples"),
+        "num_parameters": report.get("num_parameters"),
+        "activation_checkpointing": report.get("activation_checkpointing"),
+        "aux_test_accuracy": [m.get("aux_test_accuracy") for m in report.get("modules", [])],
+        "device": report.get("device"),
+        "device_name": report.get("device_name"),
+        "torch_version": report.get("torch_version"),
+    }
+
+
+def training_memory_bytes(report: dict) -> int:
+    """Peak memory of training alone, without the framework (torch, its libraries)."""
+    if report.get("memory_backend") == "cuda":
+        # The CUDA allocator counts tensors only: its peak has no framework baseline in it (the
+        # baseline is host RSS, which must not be subtracted from device memory).
+        return report.get("train_peak_memory_bytes", report["peak_memory_bytes"])
+    if report.get("training_memory_bytes") is not None:
+        return report["training_memory_bytes"]
+    return max(0, report["peak_memory_bytes"] - report.get("framework_baseline_bytes", 0))
+
+
+def _append_line(path: Path, line: dict) -> None:
+    # One write of one line, flushed: a bench killed mid-grid loses at most this line, and
+    # read_results skips a partial one.
+    with open(path, "a") as f:
+        f.write(json.dumps(line, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,188 @@
+"""The `edgetrain devices` and `edgetrain bench` commands (registered on the app in cli.py).
+They parse flags and call edgetrain.devices and edgetrain.bench; nothing else lives here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgetrain.config import FitConfig
+from edgetrain.errors import UserInputError
+from edgetrain.units import format_bytes
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _say(message: str) -> None:
+    console.print(message, markup=False, highlight=False)
+
+
+def devices(
+    name: Annotated[
+        str | None, typer.Argument(help="A profile to show in full (budget reasoning, install).")
+    ] = None,
+) -> None:
+    """List the device profiles that `--device-profile NAME` applies, or show one in full."""
+    from edgetrain.devices import is_simulated, list_profiles, load_profile
+    from edgetrain.machine import detect_machine
+
+    try:
+        profiles = [load_profile(name)] if name else list_profiles()
+    except UserInputError as e:
+        _fail(str(e).replace("--device-profile", "edgetrain devices NAME:", 1), code=2)
+    machine = detect_machine()
+    if name:
+        p = profiles[0]
+        here = "simulated here" if is_simulated(p, machine) else "this machine is one"
+        console.print(f"[bold]{p.name}[/bold] ({p.path}): {p.description}", highlight=False)
+        for label, text in (
+            ("device", f"{p.device} ({p.kind}); {here}"),
+            ("memory", f"{p.total_memory_text} ({format_bytes(p.total_memory_bytes)}), "
+                       f"{'unified with the host' if p.unified_memory else 'the GPU its own'}"),
+            ("budget", f"{p.memory_budget_text} ({format_bytes(p.memory_budget_bytes)})"),
+            ("why that budget", p.budget_reason),
+            ("cache dtype", f"{p.cache_dtype}: {p.cache_dtype_reason}"),
+            ("precision", p.precision),
+            ("install torch", p.torch_install),
+        ):
+            console.print(f"[bold]{label}:[/bold] {text}", highlight=False)
+        return
+    table = Table(title="device profiles (edgetrain fit/bench --device-profile NAME)")
+    # The descriptions are long: `edgetrain devices NAME` shows them, the table stays narrow.
+    for column in ("name", "device", "memory", "unified", "budget", "cache dtype", "precision",
+                   "here"):
+        table.add_column(column, no_wrap=column == "name")
+    for p in profiles:
+        table.add_row(p.name, p.device, p.total_memory_text, "yes" if p.unified_memory else "no",
+                      p.memory_budget_text, p.cache_dtype, p.precision,
+                      "simulated" if is_simulated(p, machine) else "real")
+    console.print(table)
+    console.print("`edgetrain devices NAME` shows how each budget was chosen and how to install "
+                  "torch there.", highlight=False)
+
+
+bench_app = typer.Typer(
+    no_args_is_help=True,
+    help="Memory-vs-accuracy benchmarks: a grid of `edgetrain fit` runs, one process each.",
+)
+
+
+@bench_app.command("run")
+def bench_run(
+    preset: Annotated[
+        str, typer.Option(help="smoke | cpu | paper (see `edgetrain bench presets`), or a path "
+                               "to a preset .toml file.")
+    ] = "smoke",
+    out: Annotated[
+        Path | None, typer.Option(help="Results folder (default runs/bench-PRESET). Rerunning "
+                                       "into the same folder skips finished runs.")
+    ] = None,
+    device_profile: Annotated[
+        str | None, typer.Option(help="Apply a device profile to every run (see `edgetrain "
+                                      "devices`); simulated if this machine is not that device.")
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only runs whose label contains this text "
+                                            "(repeatable), e.g. --only trgl-K4.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the runs and their flags; run nothing.")]
+    = False,
+) -> None:
+    """Run a benchmark preset; write OUT/results.jsonl, OUT/results.md and the plot."""
+    from edgetrain.bench import prepare_bench, run_bench
+    from edgetrain.bench.report import write_report
+
+    try:
+        bench = prepare_bench(preset, device_profile, only)
+    except UserInputError as e:
+        _fail(str(e), code=2)
+    out = out or Path("runs") / f"bench-{bench.preset.name}"
+    _say(f"preset {bench.preset.name}: {bench.preset.description}")
+    _say(f"expected time: {bench.preset.estimate}")
+    if bench.profile:
+        _say(f"device profile {bench.profile.name}: budget {bench.profile.memory_budget_text}, "
+             f"cache dtype {bench.profile.cache_dtype}"
+             + (" (simulated: this machine is not that device)" if bench.simulated else ""))
+    if dry_run:
+        for i, run in enumerate(bench.runs, 1):
+            _say(f"[{i}/{len(bench.runs)}] {run.run_id}\n    edgetrain fit "
+                 f"{' '.join(run.args)} --out {out / 'runs' / run.run_id}")
+        return
+    try:
+        run_bench(bench, out, log=_say)
+    except KeyboardInterrupt:
+        if (out / "results.jsonl").exists():
+            write_report(out)
+        _fail(f"Interrupted. Finished runs are in {out}; rerun the same command to resume.", 130)
+    report = write_report(out)
+    _show(report)
+    if report.failed:
+        _fail(f"{report.failed} run(s) failed; their errors are at the end of {report.table}. "
+              "Rerun the same command to retry them.", code=1)
+
+
+@bench_app.command("report")
+def bench_report(
+    out: Annotated[Path, typer.Argument(help="A folder `edgetrain bench run` wrote.")],
+) -> None:
+    """Rebuild OUT/results.md and OUT/memory_vs_accuracy.png from OUT/results.jsonl."""
+    from edgetrain.bench.report import write_report
+
+    try:
+        report = write_report(out)
+    except UserInputError as e:
+        _fail(str(e), code=2)
+    _show(report)
+
+
+def _show(report) -> None:
+    _say(report.table.read_text())
+    _say(f"{report.finished} runs finished, {report.failed} failed.\ntable: {report.table}\n"
+         f"plot: {report.plot}")
+
+
+@bench_app.command("presets")
+def bench_presets() -> None:
+    """List the benchmark presets: what each runs and how long it takes."""
+    from edgetrain.bench import expand, load_preset, preset_names
+
+    table = Table(title="benchmark presets (edgetrain bench run --preset NAME)")
+    for column in ("name", "runs", "expected time", "description"):
+        table.add_column(column, overflow="fold")
+    try:
+        for name in preset_names():
+            p = load_preset(name)
+            table.add_row(p.name, str(len(expand(p))), p.estimate, p.description)
+    except UserInputError as e:
+        _fail(str(e), code=2)
+    console.print(table)
+
+
+def explicit_options(ctx: typer.Context) -> set[str]:
+    """Names of the command's options the user set (on the command line or through the
+    environment), as opposed to those left at their defaults."""
+    # Compared by name: typer vendors click, and its ParameterSource enum is not public API.
+    return {name for name in ctx.params
+            if getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE",
+                                                                         "ENVIRONMENT")}
+
+
+def with_device_profile(config: FitConfig, name: str, ctx: typer.Context) -> FitConfig:
+    """For `edgetrain fit --device-profile NAME`: ``config`` with the profile applied, the flags
+    the user gave winning (fit's option names are FitConfig's field names)."""
+    from edgetrain.devices import apply_profile, is_simulated, load_profile
+    from edgetrain.machine import detect_machine
+
+    profile = load_profile(name)
+    return apply_profile(config, profile, explicit_options(ctx),
+                         simulated=is_simulated(profile, detect_machine()))

@@ -1,0 +1,196 @@
+"""`edgetrain export`: a run's stitched network as an ONNX inference graph, verified.
+
+    graph = modules 1..K + the last head, BatchNorm in inference mode, batch axis dynamic
+    input  "input"  float32 [batch, C, H, W], already normalised: (pixel / 255 - mean) / std
+    output "logits" float32 [batch, num_classes]
+
+The input is the normalised image, as the network was trained: the per-channel mean and std are
+written to the graph's metadata (``edgetrain.mean``, ``edgetrain.std``) so that an application
+can normalise without edgetrain. With ``per_module`` each module is also written as its own
+graph (``model.module_0.onnx`` ...: "input" -> "features", the last one -> "logits", head
+included), so chaining them gives the whole network.
+
+Verification, every export: ``onnx.checker``; then onnxruntime (any build: plain onnxruntime is
+enough) against torch on the run's held-out test set, at two batch sizes at least (the test
+batches and a batch of one), failing above :data:`TOLERANCE` max absolute difference of the
+logits; then the test accuracy of both, which must be equal.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgetrain.errors import UserInputError
+from edgetrain.onnx.graphs import EXPORTER, OPSET, export_graph, exportable, set_metadata
+from edgetrain.runs.model import ModelInfo, load_stitched, open_run
+
+TOLERANCE = 1e-4
+BATCH = 256
+
+
+class ExportVerificationError(RuntimeError):
+    """The exported graph does not compute what the torch network computes."""
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    module_paths: list[Path]
+    opset: int
+    exporter: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    test_samples: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    max_abs_diff: float = 0.0
+    modules_max_abs_diff: float | None = None
+    torch_accuracy: float = 0.0
+    onnx_accuracy: float = 0.0
+
+
+def export_run(run_dir: Path, out: Path, per_module: bool = False,
+               data_dir: Path | None = None) -> ExportReport:
+    """Export the run's stitched network to ``out`` (and its modules, if ``per_module``), then
+    verify it; raise :class:`ExportVerificationError` if it disagrees with torch."""
+    network, info = load_stitched(run_dir)
+    _, _, config = open_run(run_dir)
+    if out.suffix != ".onnx":
+        raise UserInputError(f"--out {out} should end in .onnx, e.g. --out model.onnx.")
+    if out.is_dir():
+        raise UserInputError(f"--out {out} is a folder. Give a file name such as model.onnx.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shape = (info.in_channels, info.image_size, info.image_size)
+    props = _metadata(info, run_dir)
+
+    export_inference(network, shape, out, "logits", props,
+                     f"edgetrain {info.model}, {len(info.modules)} modules stitched, eval mode")
+    module_paths = []
+    if per_module:
+        last = len(network.stages) - 1
+        for k, stage in enumerate(network.stages):
+            path = out.with_name(f"{out.stem}.module_{k}.onnx")
+            part = _Stage(stage, network.head if k == last else None)
+            export_inference(part, _stage_input(info, k), path,
+                             "logits" if k == last else "features", {**props,
+                             "edgetrain.module": str(k)},
+                             f"edgetrain {info.model}, module {k} of {last + 1}"
+                             + (" + classifier head" if k == last else ""))
+            module_paths.append(path)
+
+    report = ExportReport(out, module_paths, OPSET, EXPORTER, info.mean, info.std)
+    from edgetrain.data import load_dataset
+
+    data = load_dataset(config.dataset, data_dir or config.data_dir, False, config.image_size,
+                        config.train_limit, config.test_limit, config.seed)
+    verify(network, out, module_paths, data, report)
+    return report
+
+
+def export_inference(model: nn.Module, input_shape: tuple[int, ...], path: Path, output: str,
+                     props: dict[str, str], doc: str) -> None:
+    x = torch.randn(2, *input_shape)
+    graph = export_graph(exportable(model, x), (x,), path, ["input"], [output], [output],
+                         training=False)
+    set_metadata(graph, doc, props)
+    onnx.save(graph, str(path))
+    # On the file, not the proto: the path form also checks graphs over the 2 GB proto limit.
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+@torch.no_grad()
+def verify(network: nn.Module, path: Path, module_paths: list[Path], data,
+           report: ExportReport) -> None:
+    """Run the graph(s) in onnxruntime beside torch over the whole test set; fill ``report``."""
+    import onnxruntime
+
+    from edgetrain.data import iterate_batches, normalize
+
+    def session(p: Path):
+        return onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+
+    whole = session(path)
+    parts = [session(p) for p in module_paths]
+    network.eval()
+    diff, parts_diff = 0.0, 0.0
+    correct_torch = correct_onnx = seen = 0
+    sizes: set[int] = set()
+    first = True
+    for images, labels in iterate_batches(data.test, BATCH, shuffle=False):
+        x = normalize(images, data.info)
+        expected = network(x).numpy()
+        # A batch of one first: the batch axis must really be dynamic.
+        batches = [(x[:1], expected[:1]), (x, expected)] if first else [(x, expected)]
+        first = False
+        for xb, eb in batches:
+            got = whole.run(None, {"input": xb.numpy()})[0]
+            diff = max(diff, float(np.abs(got - eb).max()))
+            sizes.add(len(xb))
+            if parts:
+                features = xb.numpy()
+                for part in parts:
+                    features = part.run(None, {"input": features})[0]
+                parts_diff = max(parts_diff, float(np.abs(features - eb).max()))
+        labels = labels.numpy()
+        correct_torch += int((expected.argmax(1) == labels).sum())
+        correct_onnx += int((got.argmax(1) == labels).sum())
+        seen += len(labels)
+    report.test_samples, report.batch_sizes = seen, sorted(sizes)
+    report.max_abs_diff = diff
+    report.modules_max_abs_diff = parts_diff if parts else None
+    report.torch_accuracy = correct_torch / max(seen, 1)
+    report.onnx_accuracy = correct_onnx / max(seen, 1)
+    problems = []
+    if diff > TOLERANCE:
+        problems.append(f"onnxruntime's logits differ from torch's by up to {diff:.3g} "
+                        f"(tolerance {TOLERANCE:g})")
+    if parts and parts_diff > TOLERANCE:
+        problems.append(f"the chained per-module graphs differ from torch by up to "
+                        f"{parts_diff:.3g} (tolerance {TOLERANCE:g})")
+    if correct_torch != correct_onnx:
+        problems.append(f"test accuracy differs: torch {report.torch_accuracy:.4%}, "
+                        f"ONNX {report.onnx_accuracy:.4%}")
+    if problems:
+        raise ExportVerificationError(
+            f"The exported graph {path} does not match the torch network: "
+            + "; ".join(problems) + ". Do not deploy it; please report this with the run's "
+            "model.json and your torch/onnx/onnxruntime versions.")
+
+
+class _Stage(nn.Module):
+    """One module as a graph: ``x -> features``, or ``x -> logits`` with the final head."""
+
+    def __init__(self, stage: nn.Module, head: nn.Module | None):
+        super().__init__()
+        self.stage, self.head = stage, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.stage(x, need_transport=False)
+        return self.head(out) if self.head is not None else out
+
+
+def _stage_input(info: ModelInfo, k: int) -> tuple[int, int, int]:
+    plan = info.plans()[k]
+    return (plan.in_channels, plan.in_size, plan.in_size)
+
+
+def _metadata(info: ModelInfo, run_dir: Path) -> dict[str, str]:
+    c, s = info.in_channels, info.image_size
+    return {
+        "edgetrain.input": f"float32 [batch, {c}, {s}, {s}], normalised per channel: "
+                           "(pixel / 255 - mean) / std",
+        "edgetrain.mean": json.dumps(list(info.mean)),
+        "edgetrain.std": json.dumps(list(info.std)),
+        "edgetrain.num_classes": str(info.num_classes),
+        "edgetrain.dataset": info.dataset,
+        "edgetrain.model": f"{info.model} widths {list(info.widths)}",
+        "edgetrain.modules": json.dumps([list(m) for m in info.modules]),
+        "edgetrain.exporter": f"{EXPORTER}, opset {OPSET}",
+        "edgetrain.run": str(Path(run_dir).resolve().name),
+    }

@@ -1,0 +1,335 @@
+"""`edgetrain bench`: presets expand into the right grid, runs resume, failures are recorded, and
+the table and plot are rebuilt from results.jsonl. One test runs the smoke preset for real."""
+
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+from edgetrain.bench import expand, load_preset
+from edgetrain.bench import runner as bench_runner
+from edgetrain.bench.grid import parse_preset
+from edgetrain.bench.report import latest_results, pareto_front
+from edgetrain.bench.runner import plan, training_memory_bytes
+from edgetrain.cli import app
+from edgetrain.devices import load_profile
+from edgetrain.errors import UserInputError
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MiB = 2**20
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def preset(grid, fit=None, **extra):
+    data = {"name": "t", "description": "test", "estimate": "instant",
+            "fit": fit or {"dataset": "fashion-mnist-mini"}, "grid": grid, **extra}
+    return parse_preset(data, Path("t.toml"))
+
+
+def test_shipped_presets_expand_to_their_grids():
+    smoke = expand(load_preset("smoke"))
+    assert [r.label for r in smoke] == [
+        "fashion-mnist-mini-e2e", "fashion-mnist-mini-vanilla-K2-seq-disk",
+        "fashion-mnist-mini-trgl-K2-seq-disk", "fashion-mnist-mini-trgl-K1-seq-disk",
+        "fashion-mnist-mini-trgl-K2-par"]
+    cpu = expand(load_preset("cpu"))
+    assert len(cpu) == 2 + 2 * 3  # e2e and e2e-ckpt once; vanilla and trgl at K 2/4/8
+    assert all(r.fit["dataset"] == "fashion-mnist" and r.fit["model"] == "resnet20" for r in cpu)
+    ckpt = [r for r in cpu if r.method == "e2e-ckpt"]
+    assert len(ckpt) == 1 and ckpt[0].fit["activation_checkpointing"] is True
+    paper = expand(load_preset("paper"))
+    assert len(paper) == 2 * (2 + 2 * 4)
+    assert {r.fit["batch_size"] for r in paper if r.fit["dataset"] == "stl10"} == {64}
+    assert {r.fit["lr"] for r in paper if r.method.startswith("e2e")} == {0.1}
+    assert {r.fit["lr"] for r in paper if r.method in ("vanilla", "trgl")} == {0.003}
+    # Every run of every preset is a valid `edgetrain fit` configuration.
+    for name in ("smoke", "cpu", "paper"):
+        assert len(plan(load_preset(name))) == len(expand(load_preset(name)))
+
+
+def test_k_only_for_greedy_and_cache_only_for_sequential():
+    runs = expand(preset([
+        {"methods": ["e2e", "e2e-ckpt", "vanilla", "trgl"], "modules": [2, 4],
+         "modes": ["sequential", "parallel"], "caches": ["disk", "none"]},
+        {"methods": ["trgl"], "modules": [2], "modes": ["parallel"]},  # a duplicate: runs once
+    ]))
+    assert len(runs) == 2 + 2 * 2 * (2 + 1)
+    for r in runs:
+        if r.method.startswith("e2e"):
+            assert (r.modules, r.mode, r.cache) == (None, None, None) and r.fit["modules"] == 1
+        else:
+            assert r.modules in (2, 4) and r.fit["modules"] == r.modules
+        if r.mode == "parallel":
+            assert r.cache is None and "cache" not in r.fit
+        if r.mode == "sequential":
+            assert r.cache in ("disk", "none") and r.fit["cache"] == r.cache
+    assert len({r.label for r in runs}) == len(runs)
+
+
+def test_bad_presets_list_every_problem():
+    with pytest.raises(UserInputError) as err:
+        preset([{"methods": ["e2e", "sgd"], "modules": [0], "modes": ["diagonal"]}],
+               fit={"epochs": "two", "method": "trgl", "out": "x", "colour": 1},
+               method_fit={"adam": {"lr": 0.1}})
+    message = str(err.value)
+    for needle in ("t.toml", "'sgd'", "K must be", "'diagonal'", "epochs = 'two'",
+                   "'method' is set by the grid", "'out' is not a field", "'colour'",
+                   "[method_fit.adam]"):
+        assert needle in message
+    # Values are checked as `edgetrain fit` checks them, before anything runs.
+    with pytest.raises(UserInputError, match="--epochs must be at least 1"):
+        plan(preset([{"methods": ["e2e"]}], fit={"epochs": 0}))
+
+
+def test_bad_preset_on_the_command_line(tmp_path):
+    result = invoke("bench", "run", "--preset", "nightly", "--dry-run")
+    assert result.exit_code == 2 and "--preset 'nightly'" in result.output
+    assert "smoke" in result.output and "Traceback" not in result.output
+    path = tmp_path / "mine.toml"
+    path.write_text('name = "mine"\ndescription = "x"\nestimate = "x"\nfit = { lr = -1.0 }\n'
+                    '[[grid]]\nmethods = ["trgl"]\nmodules = [2]\n')
+    result = invoke("bench", "run", "--preset", str(path), "--dry-run")
+    assert result.exit_code == 2 and "mine.toml" in result.output and "--lr" in result.output
+
+
+def test_profile_applies_to_bench_runs_unless_the_preset_sets_the_field():
+    p = preset([{"methods": ["e2e", "trgl"], "modules": [2]}],
+               fit={"dataset": "fashion-mnist-mini", "cache_dtype": "float32"})
+    nano = load_profile("jetson-nano-4gb")
+    runs = plan(p, nano, simulated=True)
+    for run in runs:
+        assert run.args[run.args.index("--memory-budget") + 1] == "3.2GB"
+        assert run.args[run.args.index("--cache-dtype") + 1] == "float32"  # the preset's
+        assert run.args[run.args.index("--device") + 1] == "auto"  # simulated: no forced cuda
+        assert run.memory_budget_bytes == 3_200_000_000
+    # Run ids follow the flags: another profile is another run, never skipped as finished.
+    plain = plan(p)
+    assert "--memory-budget" not in plain[0].args
+    assert {r.run_id for r in plain}.isdisjoint(r.run_id for r in runs)
+    assert [r.run_id for r in plan(p)] == [r.run_id for r in plain]
+
+
+def test_fit_flags_exist():
+    """Every flag the bench generates, for every preset and a device profile, is an option of
+    the real `edgetrain fit` command."""
+    import typer.main
+
+    fit = typer.main.get_command(app).commands["fit"]
+    options = {o for p in fit.params for o in [*p.opts, *p.secondary_opts]}
+    nano = load_profile("jetson-nano-4gb")
+    for name in ("smoke", "cpu", "paper"):
+        for run in plan(load_preset(name), nano, simulated=True) + plan(load_preset(name)):
+            flags = {a for a in run.args if a.startswith("--")}
+            assert flags <= options, flags - options
+
+
+def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
+    result = invoke("bench", "run", "--preset", "smoke", "--out", str(tmp_path / "b"),
+                    "--dry-run", "--only", "trgl-K2")
+    assert result.exit_code == 0, result.output
+    assert "edgetrain fit" in result.output and "--method trgl" in result.output
+    assert "[2/2]" in result.output and "e2e" not in result.output.split("numbers")[1]
+    assert not (tmp_path / "b").exists()
+    result = invoke("bench", "run", "--preset", "smoke", "--only", "K16", "--dry-run")
+    assert result.exit_code == 2 and "--only" in result.output
+
+
+def fake_report(accuracy: float) -> dict:
+    return {"test_accuracy": accuracy, "peak_memory_bytes": 700 * MiB,
+            "training_memory_bytes": 80 * MiB, "framework_baseline_bytes": 620 * MiB,
+            "memory_backend": "linux-vmhwm", "wall_time_s": 12.5, "epochs": 1,
+            "dataset": "fashion-mnist-mini", "model": "resnet8", "modules": [],
+            "device": "cpu", "device_name": "x86_64", "torch_version": "2.14.1"}
+
+
+def test_failed_run_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        if "vanilla" in str(out) and len(calls) < 3:
+            return subprocess.CompletedProcess(cmd, 2, "", "error: --data-dir has no files\n")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(fake_report(0.5 + len(calls) / 100)))
+        return subprocess.CompletedProcess(cmd, 0, "test accuracy 50%", "")
+
+    monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=fake_run))
+    out = tmp_path / "bench"
+    args = ["bench", "run", "--preset", "smoke", "--out", str(out), "--only", "e2e",
+            "--only", "vanilla"]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output  # a failed run fails the command...
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines] == ["ok", "failed"]  # ...but not the grid
+    assert "--data-dir has no files" in lines[1]["stderr_tail"] and lines[1]["returncode"] == 2
+    assert "failed (exit 2)" in (out / "results.md").read_text()
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 3  # only the failed run ran again
+    assert "done before, skipped" in result.output
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines] == ["ok", "failed", "ok"]
+    assert [x["status"] for x in latest_results(lines)] == ["ok", "ok"]
+    assert "failed" not in (out / "results.md").read_text()
+
+
+def test_over_budget_and_does_not_fit_are_results_not_failures(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        if "vanilla" in str(out):  # the planner refuses it before training: no report
+            return subprocess.CompletedProcess(cmd, 5, "", "error: --memory-budget 3.2GB (2.98 "
+                                               "GiB) is too small: module 1 needs at least 4 GiB")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(fake_report(0.6)))
+        return subprocess.CompletedProcess(cmd, 4, "", "error: the measured peak memory "
+                                           "exceeded --memory-budget")
+
+    monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=fake_run))
+    out = tmp_path / "bench"
+    args = ["bench", "run", "--preset", "smoke", "--out", str(out), "--only", "e2e",
+            "--only", "vanilla", "--device-profile", "jetson-nano-4gb"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines] == ["over_budget", "does_not_fit"]
+    assert lines[0]["test_accuracy"] == 0.6 and "test_accuracy" not in lines[1]
+    table = (out / "results.md").read_text()
+    assert "| over budget |" in table and "| does not fit |" in table
+    assert "Memory budget 3.2GB (2.98 GiB)" in table and "module 1 needs at least 4 GiB" in table
+    assert invoke(*args).exit_code == 0 and len(calls) == 2  # finished: not run again
+
+
+def test_a_report_that_contradicts_the_flags_fails_the_run(tmp_path, monkeypatch):
+    """e2e-ckpt must really have run with checkpointing, or its memory is e2e's under the wrong
+    label."""
+    def fake_run(cmd, **kwargs):
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        report = {**fake_report(0.8), "method": "e2e", "num_modules": 1,
+                  "activation_checkpointing": False}
+        (out / "report.json").write_text(json.dumps(report))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=fake_run))
+    out = tmp_path / "bench"
+    result = invoke("bench", "run", "--preset", "cpu", "--out", str(out), "--only", "e2e")
+    assert result.exit_code == 1, result.output
+    lines = {x["method"]: x for x in map(json.loads, (out / "results.jsonl").open())}
+    assert lines["e2e"]["status"] == "ok"
+    assert lines["e2e-ckpt"]["status"] == "failed"
+    assert "activation_checkpointing=True" in lines["e2e-ckpt"]["stderr_tail"]
+
+
+def test_training_memory_from_a_report():
+    report = {"peak_memory_bytes": 900, "framework_baseline_bytes": 600,
+              "train_peak_memory_bytes": 850, "memory_backend": "linux-vmhwm"}
+    assert training_memory_bytes(report) == 300  # older reports: peak minus framework
+    assert training_memory_bytes({**report, "training_memory_bytes": 250}) == 250
+    # On a discrete GPU the allocator's peak is all training: no host baseline to subtract.
+    assert training_memory_bytes({**report, "memory_backend": "cuda",
+                                  "training_memory_bytes": 0}) == 850
+
+
+def test_pareto_front():
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 50.0)]) == [0]
+    # (memory, accuracy): 3 is dominated by 1 (less memory, same accuracy), 2 by 0.
+    points = [(100, 80), (300, 90), (150, 75), (400, 90), (50, 60)]
+    assert pareto_front(points) == [4, 0, 1]
+    assert pareto_front([(10, 5), (10, 7)]) == [1]  # same memory: the more accurate
+
+
+HAND_WRITTEN = [  # method, K, training MiB, accuracy: the shape of a cpu-preset result
+    ("e2e", None, 820, 0.884), ("e2e-ckpt", None, 430, 0.884),
+    ("vanilla", 2, 470, 0.872), ("vanilla", 4, 300, 0.861), ("vanilla", 8, 230, 0.830),
+    ("trgl", 2, 480, 0.879), ("trgl", 4, 310, 0.875), ("trgl", 8, 240, 0.862),
+]
+
+
+def hand_written_results(folder: Path) -> None:
+    folder.mkdir()
+    lines = []
+    machine = {"cpu": "AMD EPYC", "board": None, "memory_bytes": 24 * 2**30, "gpus": [],
+               "torch": "2.14.1", "platform": "Linux", "python": "3.11.7"}
+    for method, k, mib, acc in HAND_WRITTEN:
+        lines.append({
+            "run_id": f"fashion-mnist-{method}-K{k}", "status": "ok", "method": method,
+            "modules": k, "mode": "sequential" if k else None, "cache": "disk" if k else None,
+            "config": {"dataset": "fashion-mnist"}, "dataset": "fashion-mnist",
+            "model": "resnet20", "test_accuracy": acc, "training_memory_bytes": mib * MiB,
+            "peak_memory_bytes": (mib + 640) * MiB, "wall_time_s": 400.0 + mib,
+            "preset": "cpu", "device_profile": "raspberry-pi-5-8gb", "simulated": True,
+            "machine": machine})
+    lines.append({**lines[-1], "run_id": "fashion-mnist-trgl-K16", "modules": 16,
+                  "status": "failed", "returncode": 137, "stderr_tail": "Killed"})
+    (folder / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines)
+                                          + '{"run_id": "cut sh')  # a line a kill cut short
+
+
+def test_report_rebuilds_table_and_plot_from_results(tmp_path):
+    out = tmp_path / "bench"
+    hand_written_results(out)
+    result = invoke("bench", "report", str(out))
+    assert result.exit_code == 0, result.output
+    table = (out / "results.md").read_text()
+    assert "# edgetrain bench: cpu" in table and "raspberry-pi-5-8gb (simulated" in table
+    assert "| trgl | 8 | sequential | disk | 86.20% | 880.0 MiB | 240.0 MiB | 0.29 |" in table
+    assert "| e2e | – | – | – | 88.40% |" in table and "| 1.00 |" in table
+    assert "failed (exit 137)" in table and "Killed" in table
+    png = (out / "memory_vs_accuracy.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 20_000
+    points = [(mib, acc) for _, _, mib, acc in HAND_WRITTEN]
+    front = [HAND_WRITTEN[i][:2] for i in pareto_front(points)]
+    assert front == [("vanilla", 8), ("trgl", 8), ("trgl", 4), ("e2e-ckpt", None)]
+
+
+def test_report_of_an_empty_folder_is_a_clean_error(tmp_path):
+    result = invoke("bench", "report", str(tmp_path))
+    assert result.exit_code == 2 and "results.jsonl" in result.output
+
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end_and_resume(tmp_path, monkeypatch):
+    """The real thing: 5 `edgetrain fit` subprocesses on 600 images, then a rerun that runs
+    nothing. About a minute on 2 idle cores. (No device profile: its budget would add the
+    planner's probes to every run; test_fit_flags_exist covers the flags a profile adds.)"""
+    out = tmp_path / "smoke"
+    args = ["bench", "run", "--preset", "smoke", "--out", str(out)]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(lines) == 5 and all(x["status"] == "ok" for x in lines)
+    for x in lines:
+        assert 0.1 < x["test_accuracy"] <= 1
+        assert x["peak_memory_bytes"] > x["training_memory_bytes"] > 0
+        assert x["wall_time_s"] > 0 and x["epochs"] == 1
+        assert x["machine"]["cpu"] and x["torch_version"] and x["device_profile"] is None
+        report = json.loads((Path(x["run_dir"]) / "report.json").read_text())
+        assert report["method"] == x["config"]["method"]
+        assert report["num_modules"] == x["config"]["modules"]
+    assert [x["modules"] for x in lines] == [None, 2, 2, 1, 2]
+    table = (out / "results.md").read_text()
+    assert table.count("| ok |") == 5
+    assert (out / "memory_vs_accuracy.png").read_bytes().startswith(PNG_MAGIC)
+
+    # Resume: everything is finished, so nothing runs (no subprocess at all).
+    def no_subprocess(*a, **k):
+        raise AssertionError("a finished run was started again")
+
+    monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=no_subprocess))
+    before = (out / "results.jsonl").read_text()
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("done before, skipped") == 5
+    assert (out / "results.jsonl").read_text() == before
