@@ -113,6 +113,10 @@ def fit(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/latest"),
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the run in --out from its last finished module or epoch."),
+    ] = False,
     device_profile: Annotated[
         str | None,
         typer.Option(
@@ -159,6 +163,7 @@ def fit(
             threads=threads,
             out=out,
             overwrite=overwrite,
+            resume=resume,
             memory_budget=budget.bytes if budget else None,
             memory_budget_text=memory_budget,
         )
@@ -176,7 +181,8 @@ def fit(
     except NonFiniteLossError as e:
         _fail(str(e), code=3)
     except KeyboardInterrupt:
-        _fail(f"Interrupted. Finished modules are saved in {out}.", code=130)
+        _fail(f"Interrupted. Finished modules and the last epoch checkpoint are kept in {out}; "
+              "to continue, run the same command again with --resume.", code=130)
     print_report(report, out, console)
     if report["budget_exceeded"]:
         _fail("the measured peak memory exceeded --memory-budget: see the phases table above "

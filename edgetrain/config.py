@@ -93,6 +93,8 @@ class FitConfig:
     """Run directory: config, metrics log, weights, cache, report."""
     overwrite: bool = False
     """Replace an existing run in `out`."""
+    resume: bool = False
+    """Continue the run in `out` from its last finished module or epoch checkpoint."""
     memory_budget: int | None = None
     """Memory budget in bytes (recorded; enforced by the planner)."""
     memory_budget_text: str | None = None
@@ -145,6 +147,9 @@ class FitConfig:
             problems.append(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing}).")
         if self.momentum < 0 or self.weight_decay < 0:
             problems.append("--momentum and --weight-decay must not be negative.")
+        if self.resume and self.overwrite:
+            problems.append("--resume and --overwrite contradict each other: --resume continues "
+                            "the run in --out, --overwrite replaces it. Choose one.")
         if self.threads is not None and self.threads < 1:
             problems.append(f"--threads must be at least 1 (got {self.threads}).")
         if problems:
@@ -184,6 +189,17 @@ class FitConfig:
         if "widths" in data:
             data["widths"] = tuple(data["widths"])
         return cls(**data)
+
+    # Fields that may differ between a run and its resumption: they change how, not what, it
+    # computes (or, for the budget, are re-planned on resume).
+    RESUME_FREE = ("resume", "overwrite", "threads", "out", "data_dir", "download",
+                   "memory_budget", "memory_budget_text", "extra", "eval_every_epoch")
+
+    def resume_conflicts(self, stored: FitConfig) -> list[str]:
+        """The flags whose values differ from those of the run being resumed."""
+        mine, theirs = self.to_dict(), stored.to_dict()
+        return [f"--{k.replace('_', '-')} {theirs.get(k)!r} (now {v!r})"
+                for k, v in mine.items() if k not in self.RESUME_FREE and theirs.get(k) != v]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

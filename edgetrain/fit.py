@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import split_network
 from edgetrain.runs.files import save_weights, write_json_atomic
 from edgetrain.runs.progress import ProgressBars
-from edgetrain.runs.rundir import RunDir, check_run_dir, prepare_run_dir
+from edgetrain.runs.rundir import RunDir, check_run_dir, open_for_resume, prepare_run_dir
 from edgetrain.training import scheduler
 
 
@@ -52,8 +53,21 @@ def fit(config: FitConfig, progress: bool = False,
                         config.train_limit, config.test_limit, config.seed)
     spec = resnet_spec(config.model, data.info.in_channels, config.widths)
     plans = split_network(spec, config.modules, data.info.image_size, config.split)
-    # Refuse an occupied --out before spending time on probes; the folder is written after.
-    check_run_dir(config.out, config.overwrite)
+    if config.resume:
+        previous = open_for_resume(config.out)
+        stored = FitConfig.from_dict(json.loads(previous.config_path.read_text()))
+        conflicts = config.resume_conflicts(stored)
+        if conflicts:
+            raise UserInputError(
+                f"--resume: the run in {config.out} was started with different settings: "
+                + "; ".join(conflicts) + ". Resume with the run's own flags, or start a new "
+                "run in another --out."
+            )
+        if previous.report_path.exists():
+            return previous.read_report()  # finished already: nothing to redo
+    else:
+        # Refuse an occupied --out before spending time on probes; the folder is written after.
+        check_run_dir(config.out, config.overwrite)
     meter = MemoryMeter(device)
     ctx = scheduler.Context(config, data, spec, plans, scheduler.tau_for(config), device,
                             RunDir(config.out), meter, ProgressBars(progress))
@@ -66,7 +80,8 @@ def fit(config: FitConfig, progress: bool = False,
                                     budget_text=config.memory_budget_text)
         if on_plan is not None:
             on_plan(ctx.memory_plan)
-    run = ctx.run = prepare_run_dir(config.out, config.to_json(), config.overwrite)
+    run = ctx.run = (RunDir(config.out) if config.resume else
+                     prepare_run_dir(config.out, config.to_json(), config.overwrite))
     write_json_atomic(run.model_info_path, {
         "architecture": "cifar-resnet", "model": config.model, "widths": list(config.widths),
         "in_channels": data.info.in_channels, "num_classes": data.info.num_classes,
@@ -74,8 +89,8 @@ def fit(config: FitConfig, progress: bool = False,
         "std": list(data.info.std), "dataset": data.info.name,
         "modules": [[p.start, p.stop] for p in plans],
     })
-    run.log("start", device=str(device), memory_backend=meter.backend,
-            framework_baseline_bytes=framework_bytes)
+    run.log("resume" if config.resume else "start", device=str(device),
+            memory_backend=meter.backend, framework_baseline_bytes=framework_bytes)
     if ctx.memory_plan is not None:
         write_json_atomic(run.root / "plan.json", ctx.memory_plan.as_dict())
         run.log("plan", **ctx.memory_plan.as_dict())

@@ -57,6 +57,10 @@ class RunDir:
     def module_path(self, index: int) -> Path:
         return self.root / "modules" / f"module_{index}.safetensors"
 
+    def checkpoint_path(self, index: int | str) -> Path:
+        """Epoch checkpoint of module ``index`` (or "parallel" / "e2e") while it trains."""
+        return self.root / "checkpoints" / f"{index}.safetensors"
+
     def module_cache_root(self, index: int) -> Path:
         return self.root / "cache" / f"module_{index}"
 
@@ -71,15 +75,32 @@ class RunDir:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def read_metrics(self) -> list[dict]:
+        """The log's records; a last line cut short by a kill is skipped."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        records = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
 
     def write_report(self, report: dict) -> None:
         write_json_atomic(self.report_path, report)
 
     def read_report(self) -> dict:
         return json.loads(self.report_path.read_text())
+
+
+def open_for_resume(out: Path) -> RunDir:
+    """The run in ``out``, for ``--resume``; raise if there is none."""
+    if not (out / CONFIG).is_file():
+        raise UserInputError(
+            f"--resume: {out} holds no edgetrain run (no {CONFIG}). Check --out, or start a new "
+            "run without --resume."
+        )
+    return RunDir(out)
 
 
 def check_run_dir(out: Path, overwrite: bool) -> None:
@@ -94,8 +115,8 @@ def check_run_dir(out: Path, overwrite: bool) -> None:
             )
         if not overwrite:
             raise UserInputError(
-                f"--out {out} already holds a run. Pass --overwrite to replace it, "
-                "or choose another --out."
+                f"--out {out} already holds a run. Pass --resume to continue it, --overwrite "
+                "to replace it, or choose another --out."
             )
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgetrain.cache import CacheWriter, FeatureCache
+from edgetrain.cache import CacheWriter, FeatureCache, cache_is_valid
 from edgetrain.config import FitConfig
 from edgetrain.data import DataBundle, augment_batch, iterate_batches, normalize
 from edgetrain.memory.meter import MemoryMeter
@@ -54,6 +54,7 @@ from edgetrain.models.split import ModulePlan
 from edgetrain.runs.files import load_weights, save_weights
 from edgetrain.runs.progress import ProgressBars
 from edgetrain.runs.rundir import RunDir
+from edgetrain.training.checkpoints import load_checkpoint, save_checkpoint
 from edgetrain.training.steps import (
     EpochStats,
     NonFiniteLossError,
@@ -89,6 +90,12 @@ class Context:
         if self.memory_plan is None:
             return None
         return self.memory_plan.phase(phase).micro_batch
+
+    def finished_modules(self) -> dict[int, dict]:
+        """Modules an earlier run of this folder finished (weights saved, result logged)."""
+        done = {e["module"]: {k: v for k, v in e.items() if k not in ("event", "time")}
+                for e in self.run.read_metrics() if e["event"] == "module"}
+        return {k: r for k, r in done.items() if self.run.module_path(k).exists()}
 
     def inference_batch_size(self, phase: int | None = None) -> int:
         """Batch size for evaluation and caching: the planned micro-batch, so inference never
@@ -178,9 +185,11 @@ def module_inputs(ctx: Context, k: int, train: bool, epoch: int,
 # ---------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module) -> float:
+def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module,
+                  upstream: list[nn.Module] | None = None) -> float:
     """Write module ``k``'s outputs for every cached training view and for the test set;
-    return its head's test accuracy, computed on the way.
+    return its head's test accuracy, computed on the way. ``upstream``: modules 1..k-1, to
+    compute module k's input from raw data (rebuilding a cache) instead of reading cache k-1.
 
     View 0 is the un-augmented training set, view v > 0 a fixed random augmentation of it.
     A view of module k is computed from the same view of module k-1, so every module sees
@@ -193,10 +202,14 @@ def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module) -> f
     accuracy = 0.0
     for split, train, view in splits:
         batch_size = ctx.inference_batch_size(k)
-        if k == 0:
+        if k == 0 or upstream:
+            # From the raw data (through ``upstream`` frozen modules when rebuilding a cache);
+            # view v's augmentation is seeded as when module 1 first cached it.
             inputs = raw_batches(ctx, train, shuffle=False,
                                  augment_seed=(1_000_000 + view) if view > 0 else None,
                                  batch_size=batch_size)
+            if upstream:
+                inputs = through_frozen(upstream, inputs)
         else:
             inputs = cached_batches(ctx, ctx.run.cache_dir(k - 1, split), shuffle=False,
                                     batch_size=batch_size)
@@ -224,7 +237,17 @@ def train_sequential(ctx: Context) -> list[dict]:
     cfg = ctx.config
     results: list[dict] = []
     frozen: list[nn.Module] = []  # only used with --cache none
+    done = ctx.finished_modules()
     for k, plan in enumerate(ctx.plans):
+        if k in done:
+            # Resuming: module k finished in an earlier run. Keep its logged result; make sure
+            # what the next module reads from it is there and intact.
+            results.append(done[k])
+            if cfg.cache == "none":
+                frozen.append(freeze(load_module(ctx, k)[0]))
+            elif k < len(ctx.plans) - 1 and k + 1 not in done:
+                ensure_cache(ctx, k)
+            continue
         ctx.meter.reset()
         start = time.perf_counter()
         torch.manual_seed(cfg.seed * 1000 + k)
@@ -250,16 +273,19 @@ def train_sequential(ctx: Context) -> list[dict]:
             t = time.perf_counter()
             test_acc = cache_outputs(ctx, k, module, head)
             cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
-            if k > 0:
-                # Module k+1 reads only cache k: cache k-1 is dead weight on the disk.
-                shutil.rmtree(ctx.run.module_cache_root(k - 1), ignore_errors=True)
         elif test_acc is None:
             test_acc = _evaluate_module(ctx, k, cfg.epochs - 1, module, head, frozen, force=True)
+        # The module's weights, then its "module" log line, mark it finished: a run killed
+        # before both exist redoes the module from its last epoch checkpoint.
         save_weights(ctx.run.module_path(k), _module_state(module, head),
                      {"module": k, "blocks": f"{plan.start}:{plan.stop}"})
         results.append(_module_result(ctx, k, test_acc, train_time, train_peak, cache_time,
                                       cache_peak))
         ctx.run.log("module", **results[-1])
+        ctx.run.checkpoint_path(k).unlink(missing_ok=True)
+        if k > 0:
+            # Module k+1 reads only cache k: cache k-1 is dead weight on the disk.
+            shutil.rmtree(ctx.run.module_cache_root(k - 1), ignore_errors=True)
         if cfg.cache == "none":
             frozen.append(module)  # kept (weights only) to recompute its outputs every batch
         # Free module k before module k+1 is built: its weights, grads and head go now.
@@ -268,6 +294,31 @@ def train_sequential(ctx: Context) -> list[dict]:
     if cfg.cache == "disk":
         shutil.rmtree(ctx.run.root / "cache", ignore_errors=True)
     return results
+
+
+def load_module(ctx: Context, k: int) -> tuple[nn.Module, nn.Module]:
+    """Module ``k`` and its head from the run folder, on the device."""
+    plan = ctx.plans[k]
+    module, head = build_module(ctx.spec, plan), build_head(plan, ctx.num_classes)
+    state = load_weights(ctx.run.module_path(k))
+    module.load_state_dict({n[len("module."):]: t for n, t in state.items()
+                            if n.startswith("module.")})
+    head.load_state_dict({n[len("head."):]: t for n, t in state.items() if n.startswith("head.")})
+    return module.to(ctx.device), head.to(ctx.device)
+
+
+def ensure_cache(ctx: Context, k: int) -> None:
+    """Check module ``k``'s cache against its manifests (sizes and checksums); rebuild it from
+    the raw data through the saved modules 1..k if any part is missing or corrupt."""
+    splits = [f"train_v{v}" for v in range(ctx.config.cache_views)] + ["test"]
+    bad = [s for s in splits if not cache_is_valid(ctx.run.cache_dir(k, s))]
+    if not bad:
+        return
+    ctx.run.log("cache_rebuild", module=k, invalid=bad)
+    stages = [freeze(load_module(ctx, i)[0]) for i in range(k + 1)]
+    head = freeze(load_module(ctx, k)[1])
+    cache_outputs(ctx, k, stages[-1], head, upstream=stages[:-1])
+    del stages, head
 
 
 def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
@@ -279,8 +330,11 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     opt, sched = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
                                 cfg.momentum, cfg.weight_decay, steps)
     test_acc = None
+    parts, optimizers = {"module": module, "head": head}, {"opt": (opt, sched)}
+    first = _resume_point(ctx, str(k), parts, optimizers)
     with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)}", total=steps) as update:
-        for epoch in range(cfg.epochs):
+        update(advance=first * _steps_per_epoch(ctx))
+        for epoch in range(first, cfg.epochs):
             set_train(module, head)
             stats = EpochStats()
             for step, (x, y) in enumerate(module_inputs(ctx, k, True, epoch, frozen)):
@@ -290,6 +344,9 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
                 _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
             test_acc = _evaluate_module(ctx, k, epoch, module, head, frozen)
+            # Checkpoint first, then log: a kill in between repeats an epoch line, never
+            # loses an epoch.
+            save_checkpoint(ctx.run.checkpoint_path(k), epoch, parts, optimizers)
             ctx.run.log("epoch", module=k, epoch=epoch, lr=sched.get_last_lr()[0],
                         test_accuracy=test_acc, **stats.as_dict())
     # The optimizer (momentum buffers as large as the weights) dies with this frame.
@@ -325,8 +382,13 @@ def train_parallel(ctx: Context) -> list[dict]:
         optimizers.append(make_optimizer([*modules[k].parameters(), *heads[k].parameters()],
                                          cfg.lr, cfg.momentum, cfg.weight_decay, steps))
     accuracies: list[float | None] = [None] * len(modules)
+    parts = {**{f"module{k}": m for k, m in enumerate(modules)},
+             **{f"head{k}": h for k, h in enumerate(heads)}}
+    opts = {f"opt{k}": o for k, o in enumerate(optimizers)}
+    first = _resume_point(ctx, "parallel", parts, opts)
     with ctx.bars.task(f"{len(modules)} modules in parallel", total=steps) as update:
-        for epoch in range(cfg.epochs):
+        update(advance=first * _steps_per_epoch(ctx))
+        for epoch in range(first, cfg.epochs):
             set_train(*modules, *heads)
             stats = [EpochStats() for _ in modules]
             for step, (x, y) in enumerate(raw_batches(ctx, True, True, epoch, epoch)):
@@ -344,10 +406,16 @@ def train_parallel(ctx: Context) -> list[dict]:
                     m.eval()
                 accuracies = evaluate(modules, heads, raw_batches(
                     ctx, False, False, None, batch_size=ctx.inference_batch_size()))
+            save_checkpoint(ctx.run.checkpoint_path("parallel"), epoch, parts, opts)
             for k in range(len(modules)):
                 ctx.run.log("epoch", module=k, epoch=epoch,
                             lr=optimizers[k][1].get_last_lr()[0],
                             test_accuracy=accuracies[k], **stats[k].as_dict())
+    if accuracies[0] is None:  # resumed after the last epoch: nothing was evaluated yet
+        for m in (*modules, *heads):
+            m.eval()
+        accuracies = evaluate(modules, heads, raw_batches(
+            ctx, False, False, None, batch_size=ctx.inference_batch_size()))
     peak = ctx.meter.read().peak_bytes
     elapsed = time.perf_counter() - start
     results = []
@@ -371,8 +439,10 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
     steps = cfg.epochs * _steps_per_epoch(ctx)
     opt, sched = make_optimizer(network.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
                                 steps)
+    first = _resume_point(ctx, "e2e", {"network": network}, {"opt": (opt, sched)})
     with ctx.bars.task("end to end", total=steps) as update:
-        for epoch in range(cfg.epochs):
+        update(advance=first * _steps_per_epoch(ctx))
+        for epoch in range(first, cfg.epochs):
             network.train()
             stats = EpochStats()
             for step, (x, y) in enumerate(raw_batches(ctx, True, True, epoch, epoch)):
@@ -386,6 +456,8 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
                 network.eval()
                 (accuracy,) = evaluate([_Whole(network)], [nn.Identity()], raw_batches(
                     ctx, False, False, None, batch_size=ctx.inference_batch_size()))
+            save_checkpoint(ctx.run.checkpoint_path("e2e"), epoch, {"network": network},
+                            {"opt": (opt, sched)})
             ctx.run.log("epoch", module=None, epoch=epoch, lr=sched.get_last_lr()[0],
                         test_accuracy=accuracy, **stats.as_dict())
     ctx.run.log("phase", name="e2e", peak_memory_bytes=ctx.meter.read().peak_bytes)
@@ -454,6 +526,16 @@ def tau_for(config: FitConfig) -> list[float]:
     if config.method == "trgl":
         return tau_schedule(config.tau, config.modules, config.tau_schedule)
     return [float("inf")] * config.modules
+
+
+def _resume_point(ctx: Context, name: str, parts: dict, optimizers: dict) -> int:
+    """The first epoch to run: after the last checkpointed one, or 0 for a fresh start."""
+    path = ctx.run.checkpoint_path(name)
+    if not path.exists():
+        return 0
+    first = load_checkpoint(path, parts, optimizers, ctx.device) + 1
+    ctx.run.log("resume", phase=name, epoch=first)
+    return first
 
 
 def _steps_per_epoch(ctx: Context) -> int:
