@@ -3,11 +3,14 @@ else lives here."""
 
 from __future__ import annotations
 
+import errno
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgetrain.config import FitConfig
 from edgetrain.errors import UserInputError
@@ -23,6 +26,9 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+T = TypeVar("T")
+R = TypeVar("R")
+_OUT_OF_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 @app.callback()
@@ -131,7 +137,10 @@ def fit(
     from edgetrain.training.steps import NonFiniteLossError
 
     try:
-        budget = MemorySize.parse(memory_budget) if memory_budget is not None else None
+        # Every problem is reported at once: the flags parsed here, then validate()'s.
+        problems: list[str] = []
+        budget = (_parsed(MemorySize.parse, memory_budget, None, problems)
+                  if memory_budget is not None else None)
         config = FitConfig(
             dataset=dataset,
             data_dir=data_dir,
@@ -140,7 +149,7 @@ def fit(
             train_limit=train_limit,
             test_limit=test_limit,
             model=model,
-            widths=_widths(widths),
+            widths=_parsed(_widths, widths, FitConfig.widths, problems),
             modules=modules,
             split=split,
             method=method,
@@ -170,8 +179,11 @@ def fit(
         if device_profile is not None:
             from edgetrain.cli_bench import with_device_profile
 
-            config = with_device_profile(config, device_profile, ctx)
-        config = config.validate()
+            config = _parsed(lambda name: with_device_profile(config, name, ctx),
+                             device_profile, config, problems)
+        config = _parsed(FitConfig.validate, config, config, problems)
+        if problems:
+            raise UserInputError(problems)
         report = run_fit(config, progress=progress,
                          on_plan=lambda plan: print_plan(plan, console))
     except BudgetError as e:
@@ -180,6 +192,12 @@ def fit(
         _fail(str(e), code=2)
     except NonFiniteLossError as e:
         _fail(str(e), code=3)
+    except OSError as e:
+        if e.errno not in _OUT_OF_SPACE:
+            raise
+        _fail(f"Ran out of disk space writing {e.filename or out}. Free space there, or choose "
+              f"another --out; finished modules are kept in {out}, and --resume continues the "
+              "run once there is room.", code=2)
     except KeyboardInterrupt:
         _fail(f"Interrupted. Finished modules and the last epoch checkpoint are kept in {out}; "
               "to continue, run the same command again with --resume.", code=130)
@@ -189,8 +207,21 @@ def fit(
               "and report.json (budget_exceeded). The run's results are kept.", code=4)
 
 
+def _parsed(parse: Callable[[T], R], value: T, fallback: R, problems: list[str]) -> R:
+    """``parse(value)``, or ``fallback`` with the UserInputError's problems added to
+    ``problems``, so that one bad flag does not hide the others."""
+    try:
+        return parse(value)
+    except UserInputError as e:
+        problems.extend(e.problems)
+        return fallback
+
+
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    # escape: the message quotes what the user typed, which is not rich markup ("[/]" would
+    # raise, "[[grid]]" would vanish). soft_wrap: the terminal wraps it, so a long path in it
+    # stays one piece to copy.
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -8,10 +8,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgetrain.config import FitConfig
 from edgetrain.errors import UserInputError
+from edgetrain.paths import folder_problem
 from edgetrain.units import format_bytes
 
 console = Console()
@@ -19,7 +21,10 @@ err_console = Console(stderr=True)
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    # escape: the message quotes what the user typed, which is not rich markup ("[/]" would
+    # raise, "[[grid]]" would vanish). soft_wrap: the terminal wraps it, so a long path in it
+    # stays one piece to copy.
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -44,7 +49,9 @@ def devices(
     if name:
         p = profiles[0]
         here = "simulated here" if is_simulated(p, machine) else "this machine is one"
-        console.print(f"[bold]{p.name}[/bold] ({p.path}): {p.description}", highlight=False)
+        # Profile files are the user's: their text is printed as written, never as markup.
+        console.print(f"[bold]{escape(p.name)}[/bold] ({escape(str(p.path))}): "
+                      f"{escape(p.description)}", highlight=False)
         for label, text in (
             ("device", f"{p.device} ({p.kind}); {here}"),
             ("memory", f"{p.total_memory_text} ({format_bytes(p.total_memory_bytes)}), "
@@ -55,7 +62,7 @@ def devices(
             ("precision", p.precision),
             ("install torch", p.torch_install),
         ):
-            console.print(f"[bold]{label}:[/bold] {text}", highlight=False)
+            console.print(f"[bold]{label}:[/bold] {escape(str(text))}", highlight=False)
         return
     table = Table(title="device profiles (edgetrain fit/bench --device-profile NAME)")
     # The descriptions are long: `edgetrain devices NAME` shows them, the table stays narrow.
@@ -104,9 +111,12 @@ def bench_run(
 
     try:
         bench = prepare_bench(preset, device_profile, only)
+        out = out or Path("runs") / f"bench-{bench.preset.name}"
+        # Before the first run: a bad --out would otherwise only fail when results are written.
+        if not dry_run and (problem := folder_problem("--out", out)):
+            raise UserInputError(problem)
     except UserInputError as e:
         _fail(str(e), code=2)
-    out = out or Path("runs") / f"bench-{bench.preset.name}"
     _say(f"preset {bench.preset.name}: {bench.preset.description}")
     _say(f"expected time: {bench.preset.estimate}")
     if bench.profile:

@@ -8,15 +8,20 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgetrain.errors import UserInputError
+from edgetrain.paths import check_paths, file_problem, folder_problem
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    # escape: the message quotes what the user typed, which is not rich markup ("[/]" would
+    # raise, "[[grid]]" would vanish). soft_wrap: the terminal wraps it, so a long path in it
+    # stays one piece to copy.
+    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -42,6 +47,9 @@ def export(
     from edgetrain.onnx.export import TOLERANCE, ExportVerificationError, export_run
 
     try:
+        check_paths(("RUN_DIR", run_dir), ("--data-dir", data_dir))
+        if problem := file_problem("--out", out):
+            raise UserInputError(problem)
         report = export_run(run_dir, out, per_module=per_module, data_dir=data_dir)
     except UserInputError as e:
         _fail(str(e), code=2)
@@ -77,6 +85,9 @@ def export_artifacts(
     from edgetrain.onnx.artifacts import export_training_artifacts
 
     try:
+        check_paths(("RUN_DIR", run_dir))
+        if problem := folder_problem("--out", out):
+            raise UserInputError(problem)
         description = export_training_artifacts(run_dir, module, out)
     except UserInputError as e:
         _fail(str(e), code=2)

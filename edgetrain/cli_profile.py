@@ -39,10 +39,8 @@ def profile(
     from edgetrain.memory.profile import profile as run_profile
 
     try:
-        if batch_size < 1 or steps < 1 or modules < 1:
-            raise UserInputError("--batch-size, --steps and --modules must be at least 1.")
-        if device not in ("cpu", "cuda"):
-            raise UserInputError(f"--device {device!r}: choose cpu or cuda.")
+        _check(model, widths, dataset, data_dir, batch_size, modules, split, steps, device,
+               threads, out)
         spec = ProfileSpec(model=model, widths=_widths(widths), dataset=dataset,
                            data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
                            modules=modules, split=split, steps=steps, device=device,
@@ -53,6 +51,47 @@ def profile(
         _fail(str(e), code=2)
     print_profile(data)
     console.print(f"written: {out / 'profile.json'}, {out / 'profile.png'}")
+
+
+def _check(model: str, widths: str, dataset: str, data_dir: Path | None, batch_size: int,
+           modules: int, split: str, steps: int, device: str, threads: int | None,
+           out: Path) -> None:
+    """Everything that can be checked before the first subprocess starts: a mistake found by
+    a worker costs a process start, and one found when profile.json is written, the whole
+    profile."""
+    from edgetrain.cli import _widths
+    from edgetrain.config import FitConfig
+    from edgetrain.data import DATASET_NAMES
+    from edgetrain.models.split import SPLIT_STRATEGIES
+
+    problems = []
+    for flag, value in (("--batch-size", batch_size), ("--steps", steps),
+                        ("--modules", modules)):
+        if value < 1:
+            problems.append(f"{flag} must be at least 1 (got {value}).")
+    if device not in ("cpu", "cuda"):
+        problems.append(f"--device {device!r}: choose cpu or cuda.")
+    if dataset not in DATASET_NAMES:
+        problems.append(f"--dataset {dataset!r} is not known; choose one of "
+                        f"{', '.join(DATASET_NAMES)}.")
+    if split not in SPLIT_STRATEGIES:
+        problems.append(f"--split {split!r} is not known; choose one of "
+                        f"{', '.join(SPLIT_STRATEGIES)}.")
+    try:
+        # The same rules as fit's for the flags the two commands share.
+        FitConfig(model=model, widths=_widths(widths), threads=threads, data_dir=data_dir,
+                  out=out).validate()
+    except UserInputError as e:
+        problems += e.problems
+    if problems:
+        raise UserInputError(problems)
+    from edgetrain.fit import resolve_device
+    from edgetrain.models.resnet import resnet_spec
+    from edgetrain.models.split import split_network
+
+    resolve_device(device)
+    # K against the network's blocks; the image size does not change the block count.
+    split_network(resnet_spec(model, 1, _widths(widths)), modules, 32, split)
 
 
 def print_profile(data: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,10 @@ MODES = ("sequential", "parallel")
 CACHE_MODES = ("disk", "none")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("torch", "ort")
+MAX_SEED = 2**63 - 1
+"""Largest --seed: torch generators take 64-bit seeds."""
+MAX_THREADS_PER_CPU = 4
+"""--threads above this many per CPU is refused (see validate)."""
 
 
 @dataclass(frozen=True)
@@ -140,18 +145,50 @@ class FitConfig:
                             ("--modules", self.modules), ("--cache-views", self.cache_views)):
             if value < 1:
                 problems.append(f"{flag} must be at least 1 (got {value}).")
-        for flag, value in (("--lr", self.lr), ("--tau", self.tau)):
-            if not (value > 0) or math.isnan(value):
-                problems.append(f"{flag} must be a positive number (got {value}).")
+        # Written as `not (low <= x < high)` so that NaN, which fails every comparison, is
+        # refused too.
+        if not 0 < self.lr < math.inf:
+            problems.append(f"--lr must be a positive, finite number, e.g. 0.05 (got {self.lr}).")
+        if not self.tau > 0:
+            problems.append(f"--tau must be a positive number, e.g. 1.0 (got {self.tau}).")
+        elif math.isinf(self.tau) and self.method == "trgl":
+            problems.append("--tau inf switches the transport penalty off: use --method vanilla "
+                            "for that, or give a finite --tau such as 1.0.")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"--label-smoothing must be in [0, 1) (got {self.label_smoothing}).")
-        if self.momentum < 0 or self.weight_decay < 0:
-            problems.append("--momentum and --weight-decay must not be negative.")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"--momentum must be in [0, 1), e.g. 0.9 (got {self.momentum}).")
+        if not 0 <= self.weight_decay < math.inf:
+            problems.append("--weight-decay must be zero or a positive, finite number, e.g. 5e-4 "
+                            f"(got {self.weight_decay}).")
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite contradict each other: --resume continues "
                             "the run in --out, --overwrite replaces it. Choose one.")
-        if self.threads is not None and self.threads < 1:
-            problems.append(f"--threads must be at least 1 (got {self.threads}).")
+        if self.threads is not None:
+            cpus = os.cpu_count() or 1
+            if self.threads < 1:
+                problems.append(f"--threads must be at least 1 (got {self.threads}).")
+            elif self.threads > MAX_THREADS_PER_CPU * cpus:
+                # Past a few thousand, creating the threads crashes the process (SIGSEGV).
+                problems.append(f"--threads {self.threads} is far more than the {cpus} CPUs here "
+                                "(more threads than cores only slows torch down); use "
+                                f"--threads {cpus}, or leave it out.")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"--seed must be between 0 and {MAX_SEED} (got {self.seed}).")
+        for flag, limit in (("--train-limit", self.train_limit),
+                            ("--test-limit", self.test_limit)):
+            if limit is not None and limit < 1:
+                problems.append(f"{flag} must be at least 1 (got {limit}); leave it out to use "
+                                "the whole split.")
+        from edgetrain.data.registry import image_size_problem
+        from edgetrain.paths import folder_problem, path_problem
+
+        if self.image_size is not None and (problem := image_size_problem(self.image_size)):
+            problems.append(problem)
+        for problem in (folder_problem("--out", self.out),
+                        path_problem("--data-dir", self.data_dir)):
+            if problem:
+                problems.append(problem)
         if problems:
             raise UserInputError(problems)
         return self

@@ -12,7 +12,7 @@ import torch
 from edgetrain.config import FitConfig
 from edgetrain.data import load_dataset
 from edgetrain.errors import UserInputError
-from edgetrain.memory.meter import MemoryMeter, current_rss_bytes
+from edgetrain.memory.meter import MemoryMeter, current_rss_bytes, return_freed_memory_promptly
 from edgetrain.memory.planner import MemoryPlan, make_plan
 from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import split_network
@@ -42,6 +42,9 @@ def fit(config: FitConfig, progress: bool = False,
     budget (``on_plan`` sees the plan before training starts) or raises BudgetError; the guard
     then compares each phase's measured peak with the budget (``report["budget_exceeded"]``).
     """
+    # Freed activation buffers go back to the OS at once instead of staying resident in
+    # glibc's heap (see return_freed_memory_promptly): the peak is then what training needs.
+    return_freed_memory_promptly()
     # Framework baseline: what the process holds before any data or model exists (torch,
     # its libraries, Python). Reported apart from training memory.
     framework_bytes = current_rss_bytes()

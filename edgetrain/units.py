@@ -46,7 +46,8 @@ class MemorySize:
             )
         value = int(float(match.group(1)) * _UNITS[unit])
         if value <= 0:
-            raise UserInputError(f"{flag} {text!r} must be larger than zero.")
+            raise UserInputError(f"{flag} {text!r} must be at least one byte, e.g. 2GB or "
+                                 "512MB.")
         return cls(value)
 
     def __str__(self) -> str:

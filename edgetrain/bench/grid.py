@@ -34,6 +34,7 @@ from pathlib import Path
 
 from edgetrain.config import CACHE_MODES, MODES, FitConfig
 from edgetrain.errors import UserInputError
+from edgetrain.paths import path_problem
 from edgetrain.shipped import PRESETS, read_toml
 from edgetrain.units import MemorySize
 
@@ -114,6 +115,8 @@ def preset_names() -> list[str]:
 
 def load_preset(name_or_path: str) -> Preset:
     """A shipped preset by name, or a preset file by path."""
+    if problem := path_problem("--preset", name_or_path):
+        raise UserInputError(problem)
     path = Path(name_or_path).expanduser()
     if not (name_or_path.endswith(".toml") or path.is_file()):
         files = PRESETS.files()

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from edgetrain.errors import UserInputError
 
 
 class ArrayDataset(Dataset):
@@ -100,6 +103,16 @@ def resize_images(images: torch.Tensor, size: int, chunk: int = 512) -> torch.Te
     """
     if images.shape[-2:] == (size, size):
         return images
+    # The uint8 result, plus the float32 copies of one chunk while it is resized.
+    pixels = images.shape[1] * size * size
+    needed = images.shape[0] * pixels + 2 * 4 * min(chunk, images.shape[0]) * pixels
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise UserInputError(
+            f"--image-size {size}: the resized split of {images.shape[0]} images needs "
+            f"{needed / 1e9:.1f} GB of memory and {available / 1e9:.1f} GB are free. Use a "
+            f"smaller --image-size (the native size is {images.shape[-1]}), or --dataset "
+            "imagefolder, which reads images lazily.")
     out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8)
     for start in range(0, len(images), chunk):
         part = images[start:start + chunk].float()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision import datasets, transforms
 
 from edgetrain.data.bundle import DataBundle, DatasetInfo
@@ -68,10 +69,20 @@ def _image_folder(folder: Path, transform: transforms.Compose) -> datasets.Image
     # torchvision's default loader opens every file with PIL and calls .convert("RGB"), so
     # grayscale and palette images arrive with 3 channels.
     try:
-        return datasets.ImageFolder(str(folder), transform=transform)
+        return datasets.ImageFolder(str(folder), transform=transform, loader=_load_image)
     except FileNotFoundError as err:
         raise UserInputError(f"--data-dir: {folder} has no usable images ({err}); expected "
                              f"{LAYOUT}") from err
+
+
+def _load_image(path: str) -> Image.Image:
+    # Images are read lazily, so a damaged file can turn up in the middle of training: it
+    # stops the run with its name (finished modules are kept) instead of a PIL traceback.
+    try:
+        return datasets.folder.default_loader(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserInputError(f"--data-dir: {path} is not a readable image ({err}). Remove or "
+                             "replace it, then run again") from err
 
 
 def _channel_stats(dataset: datasets.ImageFolder, seed: int

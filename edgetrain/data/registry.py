@@ -25,6 +25,26 @@ DATASET_HELP: dict[str, str] = {
     "imagefolder": "your images: --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",
 }
 DATASET_NAMES: tuple[str, ...] = tuple(DATASET_HELP)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+"""--image-size bounds. Below 8 px the stages' stride-2 convolutions leave nothing; above 1024
+px a CIFAR ResNet is the wrong network (STL-10, the largest set here, is 96 px), and the
+in-memory sets would need gigabytes per thousand images."""
+
+
+def image_size_problem(image_size: int) -> str | None:
+    """Why ``--image-size`` cannot be used, or None.
+
+    >>> image_size_problem(32) is None
+    True
+    >>> image_size_problem(0)
+    '--image-size 0 is too small; use 8 or more (e.g. 32)'
+    """
+    if image_size < MIN_IMAGE_SIZE:
+        return f"--image-size {image_size} is too small; use {MIN_IMAGE_SIZE} or more (e.g. 32)"
+    if image_size > MAX_IMAGE_SIZE:
+        return (f"--image-size {image_size} is too large; use at most {MAX_IMAGE_SIZE} (CIFAR "
+                "ResNets are built for 28-96 px images)")
+    return None
 
 
 def load_dataset(name: str, data_dir: Path | None = None, download: bool = False,
@@ -43,8 +63,8 @@ def load_dataset(name: str, data_dir: Path | None = None, download: bool = False
     if name not in DATASET_NAMES:
         raise UserInputError(f"--dataset {name!r} is not known; choose one of "
                              f"{', '.join(DATASET_NAMES)}")
-    if image_size is not None and image_size < 8:
-        raise UserInputError(f"--image-size {image_size} is too small; use 8 or more (e.g. 32)")
+    if image_size is not None and (problem := image_size_problem(image_size)):
+        raise UserInputError(problem)
 
     if name == DEFAULT_DATASET:
         from edgetrain.data.builtin import load_builtin

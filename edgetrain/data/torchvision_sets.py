@@ -171,10 +171,17 @@ def load_torchvision_set(name: str, data_dir: Path | None, download: bool,
             images, labels = spec.read(root, split == "train", download)
         except (RuntimeError, OSError) as err:
             if not download:
-                raise
+                raise _unreadable(spec, root, err) from err
             raise UserInputError(f"--download of {spec.title} into {root} failed ({err}); check "
                                  "the internet connection, or put the files into --data-dir "
                                  "yourself") from err
+        except MemoryError:
+            raise
+        except Exception as err:
+            # The files are there (checked above) but torchvision cannot parse them: a damaged
+            # or half-copied file, or another set's file under the same name. Its parsers fail
+            # with whatever they hit first (AssertionError, UnpicklingError, ValueError, ...).
+            raise _unreadable(spec, root, err) from err
         splits[split] = _to_dataset(images, labels, spec, root, size)
     info = DatasetInfo(name=name, num_classes=spec.num_classes, in_channels=spec.in_channels,
                        image_size=size, mean=spec.mean, std=spec.std, hflip=spec.hflip,
@@ -193,6 +200,15 @@ def _to_dataset(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Te
         raise UserInputError(f"{spec.title} files in --data-dir {root} have labels outside "
                              f"0..{spec.num_classes - 1}; they are not {spec.title} files")
     return ArrayDataset(resize_images(images, size), labels)
+
+
+def _unreadable(spec: _Spec, root: Path, err: Exception) -> UserInputError:
+    reason = str(err) or type(err).__name__
+    return UserInputError(
+        f"--data-dir {root}: the {spec.title} files there cannot be read ({reason}); they are "
+        f"damaged or are not {spec.title} files. Replace them (delete "
+        f"{root / spec.files[0].split('/')[0]} and pass --download to fetch them again), or "
+        "point --data-dir at an intact copy")
 
 
 def _missing(root: Path, spec: _Spec) -> list[str]:

@@ -74,6 +74,25 @@ def _load_libc():
 
 
 _LIBC = _load_libc()
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def return_freed_memory_promptly() -> bool:
+    """Serve every allocation above 128 KiB with its own mmap, so freeing it gives the pages
+    back to the OS at once.
+
+    glibc's default raises this threshold dynamically (up to 32 MiB) after large blocks are
+    freed, and from then on activation-sized buffers come from the heap, where freed memory
+    stays resident. Measured with `edgetrain profile` (ResNet-56, batch 256, K = 4, CPU): the
+    peaks of modules 2..4 then *grew* with each module although they need less, and training
+    peaks were 1.3x (end to end) to 2.6x (module-wise) the analytic floor; with the threshold
+    fixed they are within 1.02x and 1.12x of it. The price is an mmap/munmap and fresh page
+    faults per large tensor. Returns whether it took effect (glibc only).
+    """
+    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+        return False
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 @dataclass(frozen=True)

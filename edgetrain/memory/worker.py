@@ -32,7 +32,12 @@ from edgetrain.memory.breakdown import (
     parameter_bytes,
     trainable_bytes,
 )
-from edgetrain.memory.meter import MemoryMeter, current_rss_bytes, release_free_memory
+from edgetrain.memory.meter import (
+    MemoryMeter,
+    current_rss_bytes,
+    release_free_memory,
+    return_freed_memory_promptly,
+)
 from edgetrain.training.sgd import SGD
 
 
@@ -44,6 +49,7 @@ def warm_up() -> None:
 
 
 def main(spec: dict) -> dict:
+    return_freed_memory_promptly()  # as `edgetrain fit` does
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -164,10 +170,10 @@ def main(spec: dict) -> dict:
             x = next(batches)[0] if k == 0 else torch.randn(shape, device=device)
             y = torch.randint(0, info.num_classes, (b,), device=device)
             costs.append(greedy_step_cost(module, head, x, y, taus[k]).as_dict())
-            head_saved = count_saved_activations(
-                lambda head=head, module=module, x=x: head(module(x, need_transport=False)[0]
-                                                           .detach()),
-                list(head.parameters()))[1]
+            with torch.no_grad():
+                features = module(x, need_transport=False)[0]
+            head_saved = count_saved_activations(lambda head=head, f=features: head(f),
+                                                 list(head.parameters()))[1]
             costs[-1]["head_bytes"] = (parameter_bytes(head) + 2 * trainable_bytes(head)
                                        + head_saved)
             del module, head, opt

@@ -8,6 +8,7 @@ the import.
 
 from __future__ import annotations
 
+import logging
 import platform
 import sys
 from types import SimpleNamespace
@@ -23,6 +24,11 @@ def training_api(what: str) -> SimpleNamespace:
     onnxruntime-training cannot be imported this raises a :class:`UserInputError` saying why
     and what to do instead.
     """
+    # Importing onnxruntime.training imports torch.utils.cpp_extension, which logs "No CUDA
+    # runtime is found" on every CPU-only machine: noise in front of every message after it.
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension_log.level
+    cpp_extension_log.setLevel(logging.ERROR)
     try:
         from onnxruntime.training import artifacts
         from onnxruntime.training.api import CheckpointState, Module, Optimizer
@@ -37,5 +43,7 @@ def training_api(what: str) -> SimpleNamespace:
             "onnxruntime-training-cpu==1.19.2` (uninstall onnxruntime first: both packages own "
             "the onnxruntime/ folder)."
         ) from None
+    finally:
+        cpp_extension_log.setLevel(level)
     return SimpleNamespace(artifacts=artifacts, CheckpointState=CheckpointState, Module=Module,
                            Optimizer=Optimizer)
