@@ -99,20 +99,13 @@ def fit(config: FitConfig, progress: bool = False,
         run.log("plan", **ctx.memory_plan.as_dict())
 
     start = time.perf_counter()
-    with ctx.bars:
-        if config.method == "e2e":
-            modules: list[dict] = []
-            network = scheduler.train_end_to_end(ctx)
-            train_peak = meter.read().peak_bytes
-        else:
-            train = (scheduler.train_parallel if config.mode == "parallel"
-                     else scheduler.train_sequential)
-            modules = train(ctx)
-            train_peak = max(m["train_peak_memory_bytes"] for m in modules)
-            network = scheduler.stitch(ctx)
-        meter.reset()
-        accuracy = scheduler.test_accuracy(ctx, network)
-        eval_peak = meter.read().peak_bytes
+    try:
+        network, modules, train_peak, accuracy, eval_peak = _train(ctx)
+    except BaseException as e:
+        # Say in the log why the run stopped; finished modules and checkpoints stay.
+        run.log("stopped", reason=f"{type(e).__name__}: {e}",
+                **{k: getattr(e, k) for k in ("module", "epoch", "step") if hasattr(e, k)})
+        raise
     wall = time.perf_counter() - start
     save_weights(run.model_path, network.state_dict(), {"format": "edgetrain-stitched-v1"})
 
@@ -153,6 +146,27 @@ def fit(config: FitConfig, progress: bool = False,
     run.write_report(report)
     run.log("done", test_accuracy=accuracy, wall_time_s=report["wall_time_s"])
     return report
+
+
+def _train(ctx: scheduler.Context):
+    """Train as the config says, stitch, evaluate: ``(network, modules, train_peak, accuracy,
+    eval_peak)``."""
+    config, meter = ctx.config, ctx.meter
+    with ctx.bars:
+        if config.method == "e2e":
+            modules: list[dict] = []
+            network = scheduler.train_end_to_end(ctx)
+            train_peak = meter.read().peak_bytes
+        else:
+            train = (scheduler.train_parallel if config.mode == "parallel"
+                     else scheduler.train_sequential)
+            modules = train(ctx)
+            train_peak = max(m["train_peak_memory_bytes"] for m in modules)
+            network = scheduler.stitch(ctx)
+        meter.reset()
+        accuracy = scheduler.test_accuracy(ctx, network)
+        eval_peak = meter.read().peak_bytes
+    return network, modules, train_peak, accuracy, eval_peak
 
 
 def guard(ctx: scheduler.Context, modules: list[dict], train_peak: int, eval_peak: int

@@ -13,7 +13,7 @@ from edgetrain.runs.files import load_weights
 
 TINY = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "2", "--epochs", "2",
         "--train-limit", "600", "--test-limit", "300", "--batch-size", "64", "--lr", "0.1",
-        "--threads", "2", "--no-progress"]
+        "--threads", "1", "--no-progress"]
 RUN_FILES = ["config.json", "metrics.jsonl", "model.json", "model.safetensors", "report.json",
              "modules/module_0.safetensors", "modules/module_1.safetensors"]
 

@@ -69,6 +69,11 @@ def main(spec: dict) -> dict:
     data = load_dataset(spec["dataset"], spec.get("data_dir"), False, None,
                         spec.get("train_limit"), None, 0)
     info = data.info
+    if spec["batch_size"] > len(data.train):
+        from edgetrain.errors import UserInputError
+
+        raise UserInputError(f"--batch-size {spec['batch_size']} is larger than the training set "
+                             f"({len(data.train)} images); use at most {len(data.train)}.")
     release_free_memory(device)
     with_data = current_rss_bytes()
     net_spec = resnet_spec(spec["model"], info.in_channels, tuple(spec["widths"]))
