@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from edgetrain.cli_output import console
+from edgetrain.cli_output import fail as _fail
 from edgetrain.config import FitConfig
 from edgetrain.errors import UserInputError
 from edgetrain.memory.planner import BudgetError
@@ -24,8 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Train neural networks module by module (TRGL) where memory is short.",
 )
-console = Console()
-err_console = Console(stderr=True)
+
 T = TypeVar("T")
 R = TypeVar("R")
 _OUT_OF_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -217,12 +216,6 @@ def _parsed(parse: Callable[[T], R], value: T, fallback: R, problems: list[str])
         return fallback
 
 
-def _fail(message: str, code: int) -> None:
-    # escape: the message quotes what the user typed, which is not rich markup ("[/]" would
-    # raise, "[[grid]]" would vanish). soft_wrap: the terminal wraps it, so a long path in it
-    # stays one piece to copy.
-    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -7,26 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
+from edgetrain.cli_output import fail as _fail
+from edgetrain.cli_output import say as _say
 from edgetrain.errors import UserInputError
 from edgetrain.paths import check_paths, file_problem, folder_problem
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int) -> None:
-    # escape: the message quotes what the user typed, which is not rich markup ("[/]" would
-    # raise, "[[grid]]" would vanish). soft_wrap: the terminal wraps it, so a long path in it
-    # stays one piece to copy.
-    err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _say(message: str) -> None:
-    console.print(message, markup=False, highlight=False)
 
 
 def export(
