@@ -287,6 +287,9 @@ def test_report_rebuilds_table_and_plot_from_results(tmp_path):
     assert "| trgl | 8 | sequential | disk | 86.20% | 880.0 MiB | 240.0 MiB | 0.29 |" in table
     assert "| e2e | – | – | – | 88.40% |" in table and "| 1.00 |" in table
     assert "failed (exit 137)" in table and "Killed" in table
+    assert "Accuracy as K grows: fashion-mnist / resnet20, sequential, cache disk" in table
+    assert "| 4 | 86.10% | 87.50% | +1.40 |" in table
+    assert ("vanilla -4.20 points (K=2 to K=8); trgl -1.70 points (K=2 to K=8)." in table)
     png = (out / "memory_vs_accuracy.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 20_000
     points = [(mib, acc) for _, _, mib, acc in HAND_WRITTEN]

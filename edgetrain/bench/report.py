@@ -141,12 +141,50 @@ def markdown_report(results: list[dict]) -> str:
         out += ["", f"Memory budget {text} (--memory-budget, enforced by the "
                 "planner): *over budget* ran but a measured peak exceeded it; *does not fit* "
                 "was refused before training."]
+    out += depth_report(ok)
     for r in results:
         if r["status"] != "ok" and r.get("stderr_tail"):
             tail = r["stderr_tail"].strip().splitlines()[-3:]
             out += ["", f"{_STATUS.get(r['status'], 'Failed')}: `{r['run_id']}`:", "```",
                     *tail, "```"]
     return "\n".join(out) + "\n"
+
+
+def depth_report(measured: list[dict]) -> list[str]:
+    """Vanilla against TRGL at each K, same data, model, mode and cache: the paper's claim is
+    that the transport term keeps greedy accuracy from falling as the network is cut into more
+    modules. Empty unless both methods have measured runs to compare."""
+    lines: list[str] = []
+    groups: dict[tuple, dict[int, dict[str, float]]] = {}
+    for r in measured:
+        if r["method"] in ("vanilla", "trgl") and r["modules"] is not None:
+            key = (*_group(r), r["mode"], r["cache"])
+            groups.setdefault(key, {}).setdefault(r["modules"], {})[r["method"]] = (
+                100 * r["test_accuracy"])
+    for (dataset, model, mode, cache), by_k in sorted(groups.items(), key=str):
+        ks = sorted(by_k)
+        if not any(len(by_k[k]) == 2 for k in ks):
+            continue
+        lines += ["", f"Accuracy as K grows: {dataset} / {model}, {mode}, cache {cache}", "",
+                  "| K | vanilla | trgl | trgl − vanilla |", "|---|---|---|---|"]
+        for k in ks:
+            v, t = by_k[k].get("vanilla"), by_k[k].get("trgl")
+            diff = f"{t - v:+.2f}" if v is not None and t is not None else "–"
+            lines.append(f"| {k} | {_pct(v)} | {_pct(t)} | {diff} |")
+        changes = []
+        for method in ("vanilla", "trgl"):
+            have = [k for k in ks if method in by_k[k]]
+            if len(have) > 1:
+                lo, hi = have[0], have[-1]
+                changes.append(f"{method} {by_k[hi][method] - by_k[lo][method]:+.2f} points "
+                               f"(K={lo} to K={hi})")
+        if changes:
+            lines += ["", "Change in accuracy as K grows: " + "; ".join(changes) + "."]
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}%"
 
 
 def _point_label(r: dict, varied: set[str]) -> str:
