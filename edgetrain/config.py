@@ -33,7 +33,7 @@ class FitConfig:
     data_dir: Path | None = None
     """Where dataset files live (default: $EDGETRAIN_DATA_DIR or ~/.cache/edgetrain/data)."""
     download: bool = False
-    """Let torchvision download the dataset into data_dir if it is missing."""
+    """Fetch the dataset into data_dir if it is missing (torchvision, in a child process)."""
     image_size: int | None = None
     """Resize images to this square side (default: native size; 32 for imagefolder)."""
     train_limit: int | None = None

@@ -154,7 +154,7 @@ def test_data_dir_with_the_wrong_files(tmp_path):
     (junk / "notes" / "readme.txt").write_text("not MNIST")
     fit_fails(tmp_path / "run", 2, "--dataset", "mnist", "--data-dir", str(junk),
               needles=["--data-dir", "lacks the MNIST files", "--download"])
-    # The right names, the wrong content: torchvision's parser fails on its first check.
+    # The right names, the wrong content: the idx reader fails on the header.
     raw = junk / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",

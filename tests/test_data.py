@@ -4,7 +4,10 @@ augmentation and the user-facing errors."""
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from edgetrain.data import (
     iterate_batches,
     load_dataset,
     normalize,
-    torchvision_sets,
+    standard_sets,
 )
 from edgetrain.errors import UserInputError
 
@@ -143,7 +146,7 @@ def no_debian_fashion_mnist(tmp_path, monkeypatch) -> Path:
     """Point the Debian Fashion-MNIST lookup at an empty folder (returned, to fill if needed)."""
     folder = tmp_path / "debian-fashion-mnist"
     folder.mkdir()
-    monkeypatch.setattr(torchvision_sets, "DEBIAN_FASHION_MNIST_DIR", folder)
+    monkeypatch.setattr(standard_sets, "DEBIAN_FASHION_MNIST_DIR", folder)
     return folder
 
 
@@ -190,6 +193,54 @@ def test_torchvision_set_real_format(name, tmp_path, no_debian_fashion_mnist):
         assert image.shape == (channels, size, size) and label == int(y[1])
 
 
+def test_standard_sets_load_without_importing_torchvision(tmp_path):
+    """torchvision's import costs about 165 MB of resident memory: a real process loading an
+    in-memory set must never import it (only --download does, in a child process)."""
+    write_cifar10(tmp_path / "data")
+    write_fashion_mnist(tmp_path / "data")
+    code = ("import sys; from pathlib import Path; from edgetrain.data import load_dataset; "
+            "[load_dataset(n, data_dir=Path(sys.argv[1])) for n in ('cifar10', 'fashion-mnist')]; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torchvision', 'sympy', 'torch._dynamo')))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "data")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_cifar_reader_refuses_pickles_that_run_code(tmp_path):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    _pickle(tmp_path / "cifar-10-batches-py" / "test_batch", {"data": Payload(), "labels": [0]})
+    with pytest.raises(UserInputError, match="refusing to load .*system") as err:
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert f"--data-dir {tmp_path}" in str(err.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("cut", [3, 10, 100])
+def test_truncated_idx_file_is_named(tmp_path, no_debian_fashion_mnist, cut):
+    write_mnist(tmp_path)
+    path = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(UserInputError, match="t10k-images-idx3-ubyte") as err:
+        load_dataset("mnist", data_dir=tmp_path)
+    assert "cannot be read" in str(err.value) and "--download" in str(err.value)
+
+
+def test_failed_download_is_a_clean_error(tmp_path):
+    # A data dir that is a file: torchvision (in its child process) fails before any network.
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("a file, not a folder")
+    with pytest.raises(UserInputError, match=f"--download of MNIST into {not_a_folder} failed"):
+        load_dataset("mnist", data_dir=not_a_folder, download=True)
+    assert not_a_folder.read_text() == "a file, not a folder"
+
+
 def test_resize_at_load(tmp_path):
     write_stl10(tmp_path)
     bundle = load_dataset("stl10", data_dir=tmp_path, image_size=32)
@@ -204,10 +255,10 @@ def test_fashion_mnist_found_in_debian_folder(tmp_path, no_debian_fashion_mnist)
     assert bundle.train.labels.tolist() == y_train.tolist()
     assert len(bundle.test) == len(x_test)
     unpacked = sorted(p.name for p in (tmp_path / "cache" / "FashionMNIST" / "raw").iterdir())
-    assert unpacked == sorted(torchvision_sets._IDX_FILES)  # no temporary files left behind
+    assert unpacked == sorted(standard_sets._IDX_FILES)  # no temporary files left behind
 
 
-@pytest.mark.skipif(not torchvision_sets.DEBIAN_FASHION_MNIST_DIR.is_dir(),
+@pytest.mark.skipif(not standard_sets.DEBIAN_FASHION_MNIST_DIR.is_dir(),
                     reason="needs Debian's dataset-fashion-mnist package")
 def test_real_debian_fashion_mnist_and_builtin_subset(tmp_path):
     full = load_dataset("fashion-mnist", data_dir=tmp_path)
@@ -297,7 +348,7 @@ def test_missing_files_name_flag_and_fix(name, tmp_path, no_debian_fashion_mnist
         load_dataset(name, data_dir=tmp_path)
     message = str(err.value)
     assert "--download" in message
-    assert torchvision_sets._SPECS[name].files[0] in message  # names the files it looked for
+    assert standard_sets._SPECS[name].files[0] in message  # names the files it looked for
     if name == "fashion-mnist":
         assert "apt-get install dataset-fashion-mnist" in message
 

@@ -1,7 +1,8 @@
 """Which datasets exist, and `load_dataset`, the one entry point that loads any of them.
 
-Loader modules are imported on first use: torchvision alone adds about 190 MB of resident
-memory, which the default (built-in) set does not need.
+Loader modules are imported on first use, so a run pays only for its own set's readers. Only
+`imagefolder` imports torchvision (about 165 MB of resident memory, for its image decoding and
+transforms); the in-memory sets are read without it (edgetrain/data/formats.py).
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def load_dataset(name: str, data_dir: Path | None = None, download: bool = False
                  test_limit: int | None = None, seed: int = 0) -> DataBundle:
     """Load dataset `name` (one of `DATASET_NAMES`).
 
-    data_dir: where the files are (torchvision sets default to `$EDGETRAIN_DATA_DIR` or
+    data_dir: where the files are (the standard sets default to `$EDGETRAIN_DATA_DIR` or
         ~/.cache/edgetrain/data; the built-in set takes none; `imagefolder` requires it).
-    download: let torchvision fetch missing files (needs internet).
+    download: fetch missing files (needs internet; torchvision, in a child process).
     image_size: in-memory sets whose native size differs are resized once, here, at load;
         `imagefolder` resizes each image as it is read (default 32).
     train_limit, test_limit: keep a class-balanced subset of that many samples, chosen by
@@ -73,8 +74,8 @@ def load_dataset(name: str, data_dir: Path | None = None, download: bool = False
         from edgetrain.data.imagefolder import load_imagefolder
         bundle = load_imagefolder(data_dir, download, image_size, seed)
     else:
-        from edgetrain.data.torchvision_sets import load_torchvision_set
-        bundle = load_torchvision_set(name, data_dir, download, image_size)
+        from edgetrain.data.standard_sets import load_standard_set
+        bundle = load_standard_set(name, data_dir, download, image_size)
 
     problems = []
     for split, limit, flag in (("train", train_limit, "--train-limit"),

@@ -1,9 +1,10 @@
-"""MNIST, Fashion-MNIST, CIFAR-10/100, SVHN and STL-10 through torchvision's readers.
+"""MNIST, Fashion-MNIST, CIFAR-10/100, SVHN and STL-10 from their files on disk.
 
-torchvision parses each set's own file format; this module only finds the files, turns the
-parsed arrays into one contiguous uint8 NCHW tensor (an `ArrayDataset`, batched by index gather)
-and fills in the `DatasetInfo`. All of these sets fit in memory: the largest, STL-10's labelled
-splits, is 360 MB as uint8.
+This module finds each set's files, reads them with edgetrain/data/formats.py (not torchvision:
+see there), turns them into one contiguous uint8 NCHW tensor (an `ArrayDataset`, batched by index
+gather) and fills in the `DatasetInfo`. `--download` fetches missing files through torchvision in
+a child process (edgetrain/data/download.py). All of these sets fit in memory: the largest,
+STL-10's labelled splits, is 360 MB as uint8.
 
 Fashion-MNIST is also found, offline, in Debian's `dataset-fashion-mnist` package.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision import datasets
 
+from edgetrain.data import formats
 from edgetrain.data.arrays import ArrayDataset, resize_images
 from edgetrain.data.bundle import DataBundle, DatasetInfo, scaled_padding
+from edgetrain.data.download import download as fetch
 from edgetrain.errors import UserInputError
 
 DATA_DIR_ENV = "EDGETRAIN_DATA_DIR"
@@ -39,83 +40,39 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "edgetrain" / "data"
 
 
-# torchvision checks the md5 sum of every file each time a CIFAR, SVHN or STL-10 set is *loaded*.
-# These subclasses only check that the files exist when loading, so small files in the same
-# format (tests, a user's trimmed copy) load too. Downloads are unaffected: torchvision still
-# verifies the md5 of what it downloads.
-
-class _ExistingCifarFiles:
-    base_folder: str
-    root: str
-    train_list: list[list[str]]
-    test_list: list[list[str]]
-    meta: dict[str, str]
-
-    def _check_integrity(self) -> bool:
-        names = [name for name, _ in self.train_list + self.test_list]
-        return all(os.path.isfile(os.path.join(self.root, self.base_folder, n)) for n in names)
-
-    def _load_meta(self) -> None:
-        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-        with open(path, "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+# (data dir, train?) -> (uint8 images [N, C, H, W], int64 labels [N]). The folder layout is
+# torchvision's, so files it downloaded (or a user copied from a torchvision setup) are found.
+Reader = Callable[[Path, bool], formats.Split]
+_CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 
 
-class _CIFAR10(_ExistingCifarFiles, datasets.CIFAR10):
-    pass
+def _mnist_reader(folder: str) -> Reader:
+    return lambda root, train: formats.read_mnist(root / folder / "raw", train)
 
 
-class _CIFAR100(_ExistingCifarFiles, datasets.CIFAR100):
-    pass
+def _read_cifar10(root: Path, train: bool) -> formats.Split:
+    return formats.read_cifar(root / "cifar-10-batches-py",
+                              _CIFAR10_TRAIN if train else ["test_batch"], "labels")
 
 
-class _SVHN(datasets.SVHN):
-    def _check_integrity(self) -> bool:
-        return os.path.isfile(os.path.join(self.root, self.filename))
+def _read_cifar100(root: Path, train: bool) -> formats.Split:
+    return formats.read_cifar(root / "cifar-100-python", ["train" if train else "test"],
+                              "fine_labels")
 
 
-class _STL10(datasets.STL10):
-    def _check_integrity(self) -> bool:
-        # Only the labelled splits: the 2.4 GB unlabelled file is never read here.
-        names = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
-        return all(os.path.isfile(os.path.join(self.root, self.base_folder, n)) for n in names)
+def _read_svhn(root: Path, train: bool) -> formats.Split:
+    return formats.read_svhn(root / f"{'train' if train else 'test'}_32x32.mat")
 
 
-# (images [N, C, H, W], labels [N]) as torchvision parsed them; (root, train, download) -> that.
-RawSplit = tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]
-Reader = Callable[[Path, bool, bool], RawSplit]
-
-
-def _mnist_reader(cls: type[datasets.MNIST]) -> Reader:
-    def read(root: Path, train: bool, download: bool) -> RawSplit:
-        ds = cls(str(root), train=train, download=download)
-        return ds.data.unsqueeze(1), ds.targets                 # [N, 28, 28] -> [N, 1, 28, 28]
-    return read
-
-
-def _cifar_reader(cls: type[datasets.CIFAR10]) -> Reader:
-    def read(root: Path, train: bool, download: bool) -> RawSplit:
-        ds = cls(str(root), train=train, download=download)
-        return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets)   # NHWC -> NCHW
-    return read
-
-
-def _read_svhn(root: Path, train: bool, download: bool) -> RawSplit:
-    ds = _SVHN(str(root), split="train" if train else "test", download=download)
-    return ds.data, ds.labels          # torchvision already maps label 10 to digit 0, NCHW
-
-
-def _read_stl10(root: Path, train: bool, download: bool) -> RawSplit:
-    ds = _STL10(str(root), split="train" if train else "test", download=download)
-    return ds.data, ds.labels                                   # NCHW, labels 0-based
+def _read_stl10(root: Path, train: bool) -> formats.Split:
+    return formats.read_stl10(root / "stl10_binary", train)
 
 
 @dataclass(frozen=True)
 class _Spec:
     title: str
     read: Reader
-    files: tuple[str, ...]        # relative to the data dir, checked before torchvision runs
+    files: tuple[str, ...]        # relative to the data dir, checked before reading
     num_classes: int
     in_channels: int
     native_size: int
@@ -126,17 +83,17 @@ class _Spec:
 
 
 _SPECS = {
-    "fashion-mnist": _Spec("Fashion-MNIST", _mnist_reader(datasets.FashionMNIST),
+    "fashion-mnist": _Spec("Fashion-MNIST", _mnist_reader("FashionMNIST"),
                            tuple(f"FashionMNIST/raw/{f}" for f in _IDX_FILES), 10, 1, 28,
                            (0.2860,), (0.3530,), True, 2),
-    "mnist": _Spec("MNIST", _mnist_reader(datasets.MNIST),
+    "mnist": _Spec("MNIST", _mnist_reader("MNIST"),
                    tuple(f"MNIST/raw/{f}" for f in _IDX_FILES), 10, 1, 28,
                    (0.1307,), (0.3081,), False, 2),
-    "cifar10": _Spec("CIFAR-10", _cifar_reader(_CIFAR10),
+    "cifar10": _Spec("CIFAR-10", _read_cifar10,
                      tuple(f"cifar-10-batches-py/{f}" for f in (
                          *(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")),
                      10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True, 4),
-    "cifar100": _Spec("CIFAR-100", _cifar_reader(_CIFAR100),
+    "cifar100": _Spec("CIFAR-100", _read_cifar100,
                       ("cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"),
                       100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True, 4),
     "svhn": _Spec("SVHN", _read_svhn, ("train_32x32.mat", "test_32x32.mat"), 10, 3, 32,
@@ -149,11 +106,12 @@ _SPECS = {
 NAMES = tuple(_SPECS)
 
 
-def load_torchvision_set(name: str, data_dir: Path | None, download: bool,
+def load_standard_set(name: str, data_dir: Path | None, download: bool,
                          image_size: int | None) -> DataBundle:
     """Load one of `NAMES` from `data_dir` (default: `default_data_dir()`).
 
-    `download=True` lets torchvision fetch missing files (needs internet). An `image_size`
+    `download=True` fetches missing files (needs internet; torchvision, in a child process). An
+    `image_size`
     other than the set's native size resizes every image once, here, at load.
     """
     spec = _SPECS[name]
@@ -164,23 +122,23 @@ def load_torchvision_set(name: str, data_dir: Path | None, download: bool,
     if missing and not download:
         raise UserInputError(_missing_message(name, spec, root, data_dir is None, missing))
 
+    if missing:
+        fetch(name, root, spec.title)
+        if missing := _missing(root, spec):
+            raise UserInputError(f"--download of {spec.title} into {root} finished without "
+                                 f"{', '.join(missing)}; put the files into --data-dir yourself")
+
     size = image_size or spec.native_size
     splits = {}
     for split in ("train", "test"):
         try:
-            images, labels = spec.read(root, split == "train", download)
-        except (RuntimeError, OSError) as err:
-            if not download:
-                raise _unreadable(spec, root, err) from err
-            raise UserInputError(f"--download of {spec.title} into {root} failed ({err}); check "
-                                 "the internet connection, or put the files into --data-dir "
-                                 "yourself") from err
+            images, labels = spec.read(root, split == "train")
         except MemoryError:
             raise
         except Exception as err:
-            # The files are there (checked above) but torchvision cannot parse them: a damaged
-            # or half-copied file, or another set's file under the same name. Its parsers fail
-            # with whatever they hit first (AssertionError, UnpicklingError, ValueError, ...).
+            # The files are there (checked above) but cannot be parsed: a damaged or half-copied
+            # file, or another set's file under the same name (ValueError from formats.py,
+            # UnpicklingError, OSError, scipy's errors, ...).
             raise _unreadable(spec, root, err) from err
         splits[split] = _to_dataset(images, labels, spec, root, size)
     info = DatasetInfo(name=name, num_classes=spec.num_classes, in_channels=spec.in_channels,
@@ -191,10 +149,8 @@ def load_torchvision_set(name: str, data_dir: Path | None, download: bool,
 
 def _to_dataset(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
                 spec: _Spec, root: Path, size: int) -> ArrayDataset:
-    # One contiguous copy of the parsed arrays; torchvision's copy is freed when its dataset
-    # object goes, so the peak is briefly twice the split.
-    images = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray)
-                             else images.contiguous())
+    # The readers return contiguous arrays: as_tensor shares their memory (no second copy).
+    images = torch.as_tensor(np.ascontiguousarray(images))
     labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)).reshape(-1)
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
         raise UserInputError(f"{spec.title} files in --data-dir {root} have labels outside "
@@ -230,7 +186,7 @@ def _missing_message(name: str, spec: _Spec, root: Path, default_root: bool,
 
 
 def _unpack_debian_fashion_mnist(root: Path) -> None:
-    """Gunzip Debian's Fashion-MNIST into `root`/FashionMNIST/raw/, where torchvision reads it."""
+    """Gunzip Debian's Fashion-MNIST into `root`/FashionMNIST/raw/, torchvision's layout."""
     sources = [DEBIAN_FASHION_MNIST_DIR / f"{f}.gz" for f in _IDX_FILES]
     if not all(s.is_file() for s in sources):
         return
@@ -247,7 +203,7 @@ def _unpack_debian_fashion_mnist(root: Path) -> None:
 
 
 def _gunzip(source: Path, target: Path) -> None:
-    # Unpack to a temporary name, then rename: torchvision only checks that the files exist, so
+    # Unpack to a temporary name, then rename: the loader only checks that the files exist, so
     # an interrupted unpack must never leave a truncated file under the real name.
     tmp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False)
     try:
