@@ -1,13 +1,20 @@
 """Models, split, heads, the regulariser and the stitched network."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from edgetrain.errors import UserInputError
 from edgetrain.models.heads import AuxHead
-from edgetrain.models.network import build_head, build_module, build_network
+from edgetrain.models.network import (
+    build_head,
+    build_module,
+    build_network,
+    set_checkpointing,
+)
 from edgetrain.models.resnet import RESNET_DEPTHS, resnet_spec
 from edgetrain.models.split import balanced_sizes, block_costs, split_network
 from edgetrain.training.transport import module_loss, tau_schedule, transport_cost
@@ -156,3 +163,55 @@ def test_module_built_alone_has_only_its_blocks():
     parts = [sum(p.numel() for p in build_module(spec, plan).parameters()) for plan in plans]
     assert sum(parts) == whole
     assert all(0 < p < whole for p in parts)
+
+
+def _one_step(module, head, x, y, tau):
+    """Loss, every parameter's gradient, the input's gradient and the BN running stats after one
+    training-mode forward/backward."""
+    module.zero_grad(set_to_none=True)
+    head.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    out, transport = module(x, need_transport=math.isfinite(tau))
+    loss, _ = module_loss(head(out), y, transport, tau)
+    loss.backward()
+    grads = [p.grad.clone() for p in [*module.parameters(), *head.parameters()]]
+    stats = [b.clone() for b in module.buffers()]
+    return loss.detach(), grads, x.grad, stats
+
+
+@pytest.mark.parametrize("tau, input_grad", [(1.0, True), (math.inf, False)])
+def test_checkpointing_gives_the_same_step(tau, input_grad):
+    """Recomputing blocks in backward changes memory, never the numbers: the loss, every gradient
+    (also with an input that needs none, as for cached features) and the BatchNorm running
+    statistics (updated once, not again by the recompute)."""
+    spec = resnet_spec("resnet14", 3)
+    plan = split_network(spec, 2, 16)[1]  # no stem: cached features in, blocks only
+    torch.manual_seed(0)
+    module, head = build_module(spec, plan).train(), build_head(plan, 10).train()
+    x = torch.randn(8, plan.in_channels, plan.in_size, plan.in_size, requires_grad=input_grad)
+    y = torch.randint(0, 10, (8,))
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    plain = _one_step(module, head, x, y, tau)
+    module.load_state_dict(state)
+    set_checkpointing(module, True)
+    recomputed = _one_step(module, head, x, y, tau)
+    assert torch.allclose(plain[0], recomputed[0], atol=1e-6)
+    for a, b in zip(plain[1] + plain[3], recomputed[1] + recomputed[3]):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert (plain[2] is None) == (recomputed[2] is None) == (not input_grad)
+    if input_grad:
+        assert torch.allclose(plain[2], recomputed[2], atol=1e-5)
+
+
+def test_checkpointing_does_not_import_dynamo():
+    """torch.utils.checkpoint imports torch._dynamo (about 150 MB resident) on first use; the
+    planner turns checkpointing on when memory is tight, so edgetrain's must not."""
+    code = ("import sys, torch; from edgetrain.models.network import build_module, "
+            "set_checkpointing; from edgetrain.models.resnet import resnet_spec; "
+            "from edgetrain.models.split import split_network; spec = resnet_spec('resnet8', 1); "
+            "m = build_module(spec, split_network(spec, 1, 8)[0]); set_checkpointing(m, True); "
+            "out, t = m(torch.randn(2, 1, 8, 8)); (out.sum() + t).backward(); "
+            "print(m.blocks[0].conv1.weight.grad is not None, 'torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False"]

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from edgetrain.errors import UserInputError
+from edgetrain.models.recompute import recompute_in_backward
 
 # depth = 6n + 2 for three stages of n basic blocks (stem conv + 2 convs per block + classifier).
 RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44,
@@ -142,7 +142,7 @@ class ResNetModule(nn.Module):
         transport = x.new_zeros(())
         for block in self.blocks:
             if self.checkpointing and torch.is_grad_enabled():
-                x, r = checkpoint(block, x, use_reentrant=False)
+                x, r = recompute_in_backward(block, x)
             else:
                 x, r = block(x)
             if need_transport:
