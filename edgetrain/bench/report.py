@@ -243,7 +243,7 @@ def plot_memory_vs_accuracy(results: list[dict], path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, alpha=0.3)
         if runs:
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="best")  # where it hides fewest points
     profile = results[0].get("device_profile") if results else None
     title = f"edgetrain bench: {results[0].get('preset') if results else ''}"
     if profile:
