@@ -12,7 +12,8 @@ import torch
 from edgetrain.config import FitConfig
 from edgetrain.data import load_dataset
 from edgetrain.errors import UserInputError
-from edgetrain.memory.meter import MemoryMeter, current_rss_bytes, return_freed_memory_promptly
+from edgetrain.memory import allocator
+from edgetrain.memory.meter import MemoryMeter, current_rss_bytes
 from edgetrain.memory.planner import MemoryPlan, make_plan
 from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import split_network
@@ -42,14 +43,14 @@ def fit(config: FitConfig, progress: bool = False,
     budget (``on_plan`` sees the plan before training starts) or raises BudgetError; the guard
     then compares each phase's measured peak with the budget (``report["budget_exceeded"]``).
     """
-    # Freed activation buffers go back to the OS at once instead of staying resident in
-    # glibc's heap (see return_freed_memory_promptly): the peak is then what training needs.
-    return_freed_memory_promptly()
+    config = config.validate().resolved()
+    device = resolve_device(config.device)
+    # How freed tensor memory is kept and given back, before anything is built: the planner's
+    # probes below run under the same policy as training (edgetrain/memory/allocator.py).
+    alloc = allocator.apply(device.type)
     # Framework baseline: what the process holds before any data or model exists (torch,
     # its libraries, Python). Reported apart from training memory.
     framework_bytes = current_rss_bytes()
-    config = config.validate().resolved()
-    device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
     data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size,
@@ -93,7 +94,8 @@ def fit(config: FitConfig, progress: bool = False,
         "modules": [[p.start, p.stop] for p in plans],
     })
     run.log("resume" if config.resume else "start", device=str(device),
-            memory_backend=meter.backend, framework_baseline_bytes=framework_bytes)
+            memory_backend=meter.backend, framework_baseline_bytes=framework_bytes,
+            allocator=alloc.as_dict())
     if ctx.memory_plan is not None:
         write_json_atomic(run.root / "plan.json", ctx.memory_plan.as_dict())
         run.log("plan", **ctx.memory_plan.as_dict())
@@ -127,6 +129,7 @@ def fit(config: FitConfig, progress: bool = False,
         "framework_baseline_bytes": framework_bytes,
         "memory_backend": meter.backend,
         "memory_measured": meter.description,
+        "allocator": alloc.as_dict(),
         "memory_budget_bytes": config.memory_budget,
         "device_profile": config.extra.get("device_profile"),
         "simulated": config.extra.get("simulated"),

@@ -14,8 +14,6 @@ Backends:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import threading
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+from edgetrain.memory import allocator
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -53,46 +53,15 @@ def _vmhwm_resettable() -> bool:
 def release_free_memory(device: torch.device | None = None) -> None:
     """Give freed memory back before a phase starts, so its peak is its own.
 
-    Python objects are collected, CUDA's cache is emptied, and glibc is asked to return free
-    heap pages to the OS (``malloc_trim``): without it, memory a previous phase freed stays in
-    the process's resident set and hides the next phase's real growth.
+    Python objects are collected, CUDA's cache is emptied, and the C allocator is asked to
+    return its free pages to the OS (glibc's ``malloc_trim``, or the preloaded allocator's
+    purge: see edgetrain/memory/allocator.py): without it, memory a previous phase freed stays
+    in the process's resident set and hides the next phase's real growth.
     """
     gc.collect()
     if device is not None and device.type == "cuda":
         torch.cuda.empty_cache()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD_BYTES = 128 * 1024
-
-
-def return_freed_memory_promptly() -> bool:
-    """Serve every allocation above 128 KiB with its own mmap, so freeing it gives the pages
-    back to the OS at once.
-
-    glibc's default raises this threshold dynamically (up to 32 MiB) after large blocks are
-    freed, and from then on activation-sized buffers come from the heap, where freed memory
-    stays resident. Measured with `edgetrain profile` (ResNet-56, batch 256, K = 4, CPU): the
-    peaks of modules 2..4 then *grew* with each module although they need less, and training
-    peaks were 1.3x (end to end) to 2.6x (module-wise) the analytic floor; with the threshold
-    fixed they are within 1.02x and 1.12x of it. The price is an mmap/munmap and fresh page
-    faults per large tensor. Returns whether it took effect (glibc only).
-    """
-    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
-        return False
-    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    allocator.release_to_os()
 
 
 @dataclass(frozen=True)

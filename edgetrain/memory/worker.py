@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from edgetrain.memory import allocator
 from edgetrain.memory.breakdown import (
     count_saved_activations,
     greedy_step_cost,
@@ -32,12 +33,7 @@ from edgetrain.memory.breakdown import (
     parameter_bytes,
     trainable_bytes,
 )
-from edgetrain.memory.meter import (
-    MemoryMeter,
-    current_rss_bytes,
-    release_free_memory,
-    return_freed_memory_promptly,
-)
+from edgetrain.memory.meter import MemoryMeter, current_rss_bytes, release_free_memory
 from edgetrain.training.sgd import SGD
 
 
@@ -49,11 +45,11 @@ def warm_up() -> None:
 
 
 def main(spec: dict) -> dict:
-    return_freed_memory_promptly()  # as `edgetrain fit` does
+    device = torch.device(spec.get("device", "cpu"))
+    alloc = allocator.apply(device.type)  # the policy `edgetrain fit` runs under
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    device = torch.device(spec.get("device", "cpu"))
     meter = MemoryMeter(device)
     warm_up()
     release_free_memory(device)
@@ -198,6 +194,7 @@ def main(spec: dict) -> dict:
         "step_time_s": (sum(module_step_times) if module_step_times
                         else statistics.median(step_times[1:] or step_times)),
         "floor_bytes": floor["bytes"], "floor": floor, "meter": meter.description,
+        "allocator": alloc.as_dict(),
         "device": str(device), "torch": torch.__version__,
     }
 
