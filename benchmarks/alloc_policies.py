@@ -113,9 +113,10 @@ def measure(policy: str, method: str, flags: list[str]) -> dict:
     """One `edgetrain fit` in a fresh process under ``policy``: its times, faults and report."""
     out = Path(tempfile.mkdtemp(prefix="alloc-policies-"))
     cmd = [sys.executable, "-m", "edgetrain", "fit", *flags, "--out", str(out / "run")]
+    env = launch_env(policy)
     load_before = os.getloadavg()
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=launch_env(policy), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -142,6 +143,7 @@ def measure(policy: str, method: str, flags: list[str]) -> dict:
         "module_cache_peaks_bytes": [m["cache_peak_memory_bytes"] for m in report["modules"]],
         "phases": report["phases"], "train_wall_s": report["wall_time_s"],
         "test_accuracy": report["test_accuracy"], "allocator": report["allocator"],
+        "ld_preload": env.get("LD_PRELOAD"),
     }
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,8 @@ POLICIES: dict[str, Policy] = {p.name: p for p in [
            env={"MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"}),
     Policy("mimalloc", "mimalloc (Debian libmimalloc2.0) preloaded, defaults",
            malloc="mimalloc", preload="libmimalloc.so.2"),
+    Policy("mimalloc-pypi", "mimalloc 3 from PyPI (cmeel-mimalloc) preloaded, defaults",
+           malloc="mimalloc", preload="cmeel.prefix/lib/libmimalloc.so.3"),
     Policy("tcmalloc", "tcmalloc-minimal (Debian libtcmalloc-minimal4) preloaded, defaults",
            malloc="tcmalloc", preload="libtcmalloc_minimal.so.4"),
 ]}
@@ -181,12 +184,15 @@ def release_to_os() -> None:
 
 
 def find_library(name: str) -> str | None:
-    """Path of a shared library in the usual system folders, or None."""
-    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
-                   "/usr/lib", "/usr/local/lib"):
-        path = Path(folder) / name
-        if path.exists():
-            return str(path)
+    """Path of a shared library, or None: a ``cmeel.prefix/...`` name in the Python path (where
+    pip puts a cmeel wheel's files), any other in the usual system folders."""
+    folders = (sys.path if name.startswith("cmeel.prefix/") else
+               ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
+                "/usr/lib", "/usr/local/lib"])
+    for folder in folders:
+        path = Path(folder or ".") / name
+        if path.is_file():
+            return str(path.resolve())
     return None
 
 
