@@ -54,6 +54,9 @@ def print_report(report: dict, out: Path, console: Console) -> None:
     console.print(f"wall time: {report['wall_time_s']:.1f} s   peak memory: "
                   f"{format_bytes(report['peak_memory_bytes'])} ({report['memory_measured']}); "
                   f"framework baseline {format_bytes(report['framework_baseline_bytes'])}")
+    alloc = report.get("allocator")
+    if alloc and alloc["note"]:
+        console.print(f"memory allocator: {alloc['policy']}, because {alloc['note']}")
     if report.get("device_profile"):
         note = (" (simulated: the profile's budget enforced on this machine)"
                 if report.get("simulated") else "")

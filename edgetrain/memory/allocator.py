@@ -1,24 +1,50 @@
-"""The CPU allocation policy: where freed tensor memory goes, set in one place.
+"""The CPU allocation policy: how freed tensor memory is kept and given back, set in one place.
 
-DRAFT: the chosen policy and its numbers are filled in once measured.
+Every large CPU tensor is one ``posix_memalign`` call (torch's ``c10::alloc_cpu``) served by the
+process's malloc, and how that malloc keeps freed blocks decides two things edgetrain cares
+about: the peak resident memory, which a memory-short device must hold, and the time spent in
+the kernel mapping fresh pages and zeroing them on first touch, every step.
 
-Every large CPU tensor is one ``posix_memalign`` call (torch's ``c10::alloc_cpu``), served by
-the C library's malloc. How that malloc keeps freed blocks decides two things this project
-measures: the peak resident memory (what a memory-short device must hold) and the kernel time
-(fresh mappings and page faults that zero pages, each step).
+**The policy: tcmalloc, preloaded by the launcher; glibc with a 128 KiB mmap threshold where it
+is not installed.**
 
-A policy is applied once per process, before anything is built (:func:`apply`), by ``edgetrain
-fit`` (so the planner's probes, which run inside ``fit``, see it too) and by the worker of
-``edgetrain profile``. At the points where a phase's buffers die (each module, each probe, the
-final evaluation: :meth:`MemoryMeter.reset`), :func:`release_to_os` hands free memory back.
+- glibc with ``M_MMAP_THRESHOLD`` = 128 KiB (``mmap-128k``, the fallback): every block above
+  128 KiB is its own mapping, unmapped when freed. No freed buffer stays resident, so peaks are
+  what training needs, but each step maps, faults in (zeroes) and unmaps every activation.
+- glibc's heap (its default dynamic threshold, a fixed larger one, or no trimming until a phase
+  ends) reuses buffers, but large activations and torch's small long-lived objects share one
+  heap: freed activations leave holes the next step cannot always reuse, and the peak grows.
+- tcmalloc keeps large spans apart from small objects and reuses freed spans for the same
+  shapes next step: the peak stays at the 128 KiB threshold's (+1-2%) with almost no kernel
+  time.
 
-``EDGETRAIN_ALLOC_POLICY=<name>`` picks another policy for a process and the subprocesses it
-starts (``benchmarks/alloc_policies.py`` measures them side by side). Policies that replace
-malloc itself (jemalloc, mimalloc, tcmalloc) must be loaded before the process starts:
-:func:`launch_env` gives the environment for that, and the benchmark starts its runs with it.
+Measured side by side, interleaved, medians of 3 (``python benchmarks/alloc_policies.py``,
+ResNet-20, 3,000 built-in images, 2 epochs, ``--threads 1``, 2-core x86; results and every
+other candidate in ``benchmarks/results/alloc-policies/``):
 
-On CUDA nothing changes: activations live in torch's CUDA caching allocator, which reuses
-blocks already; the host side keeps the policy it always had (:data:`CUDA_POLICY`).
+    NUMBERS
+
+At the points where a phase's buffers die (each module, each planner probe, the final
+evaluation: :meth:`MemoryMeter.reset`), :func:`release_to_os` hands free memory back
+(``MallocExtension_ReleaseFreeMemory``, or glibc's ``malloc_trim``), so a phase's peak is its
+own and later modules' peaks do not carry earlier ones.
+
+A malloc cannot be swapped inside a running process: ``LD_PRELOAD`` must name it when the
+process starts. So the ``edgetrain`` launcher (``python -m edgetrain`` and the console script)
+calls :func:`relaunch` first, which re-executes the same command with tcmalloc preloaded when
+it is installed (Debian/Ubuntu ``libtcmalloc-minimal4``; not on PyPI). Where it is not,
+or where edgetrain runs inside another program, :func:`apply` falls back to ``mmap-128k`` and
+the run's report says so (``report.json`` ``allocator``). ``edgetrain fit`` (and with it the
+planner's probes, which run inside it) and the worker of ``edgetrain profile`` call
+:func:`apply` before building anything.
+
+On CUDA nothing changes: activations live in torch's CUDA caching allocator, which already
+reuses blocks, and host memory holds little more than the dataset. A machine with an NVIDIA
+device keeps glibc with the 128 KiB threshold as before, unless ``EDGETRAIN_ALLOC_POLICY``
+asks otherwise.
+
+``EDGETRAIN_ALLOC_POLICY=<name>`` picks any policy of :data:`POLICIES` for a process and the
+processes it starts; ``benchmarks/alloc_policies.py`` runs them all side by side.
 """
 
 from __future__ import annotations
@@ -31,10 +57,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 POLICY_ENV = "EDGETRAIN_ALLOC_POLICY"
+_RELAUNCHED_ENV = "EDGETRAIN_ALLOC_RELAUNCHED"
 
 # glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1
-_M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 
 KiB, MiB = 1024, 1024 * 1024
@@ -51,9 +77,12 @@ class Policy:
     malloc: str = "glibc"
     """The malloc the policy runs on."""
     preload: str | None = None
-    """Shared library (e.g. ``libjemalloc.so.2``) to ``LD_PRELOAD`` for that malloc."""
+    """Shared library to ``LD_PRELOAD`` for that malloc (a ``cmeel.prefix/`` path is looked
+    up in the Python path, where pip installs it; any other in the system's library folders)."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment the process must start with (read once, at start, by malloc or torch)."""
+    install: str = ""
+    """How to install that malloc."""
 
 
 POLICIES: dict[str, Policy] = {p.name: p for p in [
@@ -71,27 +100,37 @@ POLICIES: dict[str, Policy] = {p.name: p for p in [
            ">= 2 MiB (THP_MEM_ALLOC_ENABLE=1)", {_M_MMAP_THRESHOLD: 128 * KiB},
            env={"THP_MEM_ALLOC_ENABLE": "1"}),
     Policy("jemalloc", "jemalloc (Debian libjemalloc2) preloaded, default decay (10 s)",
-           malloc="jemalloc", preload="libjemalloc.so.2"),
+           malloc="jemalloc", preload="libjemalloc.so.2",
+           install="apt-get install libjemalloc2"),
     Policy("jemalloc-decay1s", "jemalloc preloaded, dirty pages purged after 1 s",
            malloc="jemalloc", preload="libjemalloc.so.2",
-           env={"MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"}),
-    Policy("mimalloc", "mimalloc (Debian libmimalloc2.0) preloaded, defaults",
-           malloc="mimalloc", preload="libmimalloc.so.2"),
-    Policy("mimalloc-pypi", "mimalloc 3 from PyPI (cmeel-mimalloc) preloaded, defaults",
-           malloc="mimalloc", preload="cmeel.prefix/lib/libmimalloc.so.3"),
-    Policy("tcmalloc", "tcmalloc-minimal (Debian libtcmalloc-minimal4) preloaded, defaults",
-           malloc="tcmalloc", preload="libtcmalloc_minimal.so.4"),
+           env={"MALLOC_CONF": "dirty_decay_ms:1000,muzzy_decay_ms:0"},
+           install="apt-get install libjemalloc2"),
+    Policy("mimalloc", "mimalloc 2.0 (Debian libmimalloc2.0) preloaded, defaults",
+           malloc="mimalloc", preload="libmimalloc.so.2",
+           install="apt-get install libmimalloc2.0"),
+    Policy("mimalloc-pypi", "mimalloc 3.4 from PyPI (cmeel-mimalloc) preloaded, defaults",
+           malloc="mimalloc", preload="cmeel.prefix/lib/libmimalloc.so.3",
+           install="pip install cmeel-mimalloc"),
+    Policy("tcmalloc", "tcmalloc (Debian libtcmalloc-minimal4) preloaded, defaults",
+           malloc="tcmalloc", preload="libtcmalloc_minimal.so.4",
+           install="apt-get install libtcmalloc-minimal4"),
 ]}
 
-DEFAULT_POLICY = "mmap-128k"
+DEFAULT_POLICY = "tcmalloc"
+FALLBACK_POLICY = "mmap-128k"
+"""Where the default's malloc is not in the process: peaks as low, at the price in kernel time."""
 CUDA_POLICY = "mmap-128k"
+"""On CUDA the host keeps what it always had (see the module docstring)."""
 
 
 @dataclass(frozen=True)
 class AllocatorState:
     """What :func:`apply` did, for the run's report."""
 
+    requested: str
     policy: str
+    """The policy in effect: ``requested``, or a fallback (``note`` says why)."""
     malloc: str
     """The malloc serving this process: glibc, jemalloc, mimalloc, tcmalloc or unknown."""
     in_effect: bool
@@ -109,27 +148,33 @@ def _load_libc():
         return None
 
 
+def _load_process():
+    try:
+        return ctypes.CDLL(None)  # every symbol the process has loaded
+    except (OSError, TypeError):  # Windows
+        return None
+
+
 _LIBC = _load_libc()
-_PROCESS = ctypes.CDLL(None)
-_state: AllocatorState | None = None
+_PROCESS = _load_process()
 
 
 def active_malloc() -> str:
-    """Which malloc serves this process, found by the symbols only that malloc exports."""
+    """Which malloc serves this process, told by the symbols only that malloc exports."""
+    if _PROCESS is None:
+        return "unknown"
+    if hasattr(_PROCESS, "MallocExtension_ReleaseFreeMemory"):
+        return "tcmalloc"
     if hasattr(_PROCESS, "mallctl"):
         return "jemalloc"
     if hasattr(_PROCESS, "mi_collect"):
         return "mimalloc"
-    if hasattr(_PROCESS, "MallocExtension_ReleaseFreeMemory"):
-        return "tcmalloc"
     if _LIBC is not None and hasattr(_LIBC, "mallopt") and hasattr(_LIBC, "malloc_trim"):
         return "glibc"
     return "unknown"
 
 
-def policy_name(device_type: str = "cpu") -> str:
-    if device_type == "cuda":
-        return CUDA_POLICY
+def requested_policy() -> str:
     return os.environ.get(POLICY_ENV) or DEFAULT_POLICY
 
 
@@ -144,28 +189,29 @@ def get_policy(name: str) -> Policy:
 
 
 def apply(device_type: str = "cpu") -> AllocatorState:
-    """Put this process's allocation policy in place; call before anything large is built."""
-    global _state
-    policy = get_policy(policy_name(device_type))
-    malloc = active_malloc()
+    """Put this process's allocation policy in place; call before anything large is built.
+
+    A policy whose malloc is not in the process (not installed, or not preloaded) falls back
+    to :data:`FALLBACK_POLICY`; on CUDA, :data:`CUDA_POLICY` applies unless one was asked for.
+    """
+    requested = requested_policy()
+    name = CUDA_POLICY if device_type == "cuda" and POLICY_ENV not in os.environ else requested
+    policy, malloc, note = get_policy(name), active_malloc(), ""
+    if policy.malloc != malloc and malloc == "glibc":
+        why = (f"is not installed ({policy.install})" if find_library(policy.preload) is None else
+               "was not preloaded when the process started (edgetrain's launcher does that)")
+        note = f"{policy.malloc} {why}"
+        name, policy = FALLBACK_POLICY, get_policy(FALLBACK_POLICY)
+    if policy.malloc != malloc:
+        return AllocatorState(requested, name, malloc, False,
+                              f"this process's malloc is {malloc}, not {policy.malloc}")
     missing = [k for k, v in policy.env.items() if os.environ.get(k) != v]
-    if policy.malloc != "glibc":
-        ok = malloc == policy.malloc
-        note = "" if ok else f"{policy.preload} is not loaded (start the process with launch_env)"
-    elif malloc != "glibc":
-        ok, note = False, f"malloc is {malloc}, not glibc: mallopt settings do nothing"
-    else:
-        ok = all(_LIBC.mallopt(param, value) for param, value in policy.mallopt.items())
-        note = "" if ok else "mallopt refused a setting"
-    if ok and missing:
-        ok, note = False, f"{', '.join(missing)} must be set before the process starts"
-    _state = AllocatorState(policy.name, malloc, ok, note)
-    return _state
-
-
-def state() -> AllocatorState | None:
-    """What the last :func:`apply` did (None: not applied in this process)."""
-    return _state
+    if missing:
+        return AllocatorState(requested, name, malloc, False,
+                              f"{', '.join(missing)} must be set when the process starts")
+    if not all(_LIBC.mallopt(param, value) for param, value in policy.mallopt.items()):
+        return AllocatorState(requested, name, malloc, False, "glibc's mallopt refused")
+    return AllocatorState(requested, name, malloc, True, note)
 
 
 def release_to_os() -> None:
@@ -174,18 +220,20 @@ def release_to_os() -> None:
     malloc = active_malloc()
     if malloc == "glibc":
         _LIBC.malloc_trim(0)
+    elif malloc == "tcmalloc":
+        _PROCESS.MallocExtension_ReleaseFreeMemory()
     elif malloc == "jemalloc":
         # arena.<MALLCTL_ARENAS_ALL>.purge: every arena's unused dirty pages back to the OS
         _PROCESS.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
     elif malloc == "mimalloc":
         _PROCESS.mi_collect(ctypes.c_bool(True))
-    elif malloc == "tcmalloc":
-        _PROCESS.MallocExtension_ReleaseFreeMemory()
 
 
-def find_library(name: str) -> str | None:
+def find_library(name: str | None) -> str | None:
     """Path of a shared library, or None: a ``cmeel.prefix/...`` name in the Python path (where
     pip puts a cmeel wheel's files), any other in the usual system folders."""
+    if name is None:
+        return None
     folders = (sys.path if name.startswith("cmeel.prefix/") else
                ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
                 "/usr/lib", "/usr/local/lib"])
@@ -198,7 +246,7 @@ def find_library(name: str) -> str | None:
 
 def launch_env(name: str, base: dict[str, str] | None = None) -> dict[str, str] | None:
     """The environment a new process needs to run under policy ``name``; None if its
-    allocator is not installed here."""
+    malloc is not installed here."""
     policy = get_policy(name)
     env = dict(os.environ if base is None else base)
     env[POLICY_ENV] = name
@@ -209,3 +257,38 @@ def launch_env(name: str, base: dict[str, str] | None = None) -> dict[str, str] 
             return None
         env["LD_PRELOAD"] = " ".join(filter(None, [path, env.get("LD_PRELOAD", "")]))
     return env
+
+
+def _nvidia_device_present() -> bool:
+    """An NVIDIA GPU (or Jetson) is visible, told without importing torch."""
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0",
+                                          "/dev/nvhost-ctrl-gpu"))
+
+
+def child_env() -> dict[str, str]:
+    """Environment for an edgetrain subprocess (the profile worker): the requested policy's,
+    with its malloc preloaded when that is what :func:`relaunch` would do."""
+    name = requested_policy()
+    policy = get_policy(name)
+    if (policy.preload is None or active_malloc() == policy.malloc
+            or (POLICY_ENV not in os.environ and _nvidia_device_present())):
+        return dict(os.environ)
+    return launch_env(name) or dict(os.environ)
+
+
+def relaunch() -> None:
+    """Re-execute this command with the policy's malloc preloaded, if it needs one that is
+    installed but not loaded. Called by the launcher before torch is imported (a re-exec
+    then costs milliseconds); returns only when there is nothing to do."""
+    name = requested_policy()
+    policy = POLICIES.get(name)
+    if (policy is None or policy.preload is None or active_malloc() == policy.malloc
+            or os.environ.get(_RELAUNCHED_ENV)  # tried once: the preload did not take
+            or (POLICY_ENV not in os.environ and _nvidia_device_present())):
+        return
+    env = launch_env(name)
+    if env is None:
+        return
+    env[_RELAUNCHED_ENV] = "1"
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgetrain.errors import UserInputError
+from edgetrain.memory import allocator
 from edgetrain.runs.files import write_json_atomic
 
 VARIANTS = [  # (name, method, mode)
@@ -45,8 +46,10 @@ class ProfileSpec:
 
 def run_variant(spec: ProfileSpec, name: str, method: str, mode: str) -> dict:
     payload = json.dumps({**asdict(spec), "variant": name, "method": method, "mode": mode})
+    # The worker runs under the allocation policy `edgetrain fit` runs under (its malloc
+    # preloaded where installed): the same peaks as training, not another allocator's.
     proc = subprocess.run([sys.executable, "-m", "edgetrain.memory.worker", payload],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=allocator.child_env())
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise UserInputError(f"profiling {name} failed: {tail[0]}")
