@@ -23,7 +23,7 @@ MiB = 2**20
 def _env(**extra) -> dict[str, str]:
     """This environment without a policy or preload of its own, plus ``extra``."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", allocator.POLICY_ENV, "EDGETRAIN_ALLOC_RELAUNCHED")}
+           if k not in ("LD_PRELOAD", allocator.POLICY_ENV, allocator._RELAUNCHED_ENV)}
     return {**env, **extra}
 
 
@@ -35,10 +35,12 @@ def _fit(out: Path, *flags: str, **env: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def _expected_default() -> tuple[str, str]:
-    """(policy, malloc) a fresh `edgetrain fit` should run under on this machine."""
+def _expected(mode: str | None = None) -> tuple[str, str]:
+    """(policy, malloc) a fresh `edgetrain fit` in ``mode`` should run under on this machine."""
     if allocator._nvidia_device_present():
         return allocator.CUDA_POLICY, "glibc"
+    if mode == "parallel":
+        return allocator.PARALLEL_POLICY, "glibc"
     default = allocator.POLICIES[allocator.DEFAULT_POLICY]
     if allocator.find_library(default.preload) is None:
         return allocator.FALLBACK_POLICY, "glibc"
@@ -50,13 +52,21 @@ def test_fit_runs_under_the_default_policy_and_its_probes_too(tmp_path):
     planner's probes run in the same process, after the policy is set, so the prediction
     holds for training."""
     report = _fit(tmp_path / "run", "--memory-budget", "4GB")
-    policy, malloc = _expected_default()
+    policy, malloc = _expected("sequential")
     state = report["allocator"]
     assert (state["policy"], state["malloc"], state["in_effect"]) == (policy, malloc, True), state
     for phase in report["phases"]:
         if phase["predicted_peak_bytes"]:
             assert phase["measured_peak_bytes"] == pytest.approx(phase["predicted_peak_bytes"],
                                                                  rel=0.10), phase
+
+
+def test_parallel_mode_keeps_the_128k_threshold(tmp_path):
+    """Parallel mode peaked over 3% higher under tcmalloc: the launcher does not preload it."""
+    report = _fit(tmp_path / "run", "--mode", "parallel")
+    state = report["allocator"]
+    assert (state["policy"], state["malloc"], state["in_effect"]) == (*_expected("parallel"),
+                                                                      True), state
 
 
 def test_fit_falls_back_when_the_policy_malloc_is_not_installed(tmp_path):
@@ -101,15 +111,17 @@ def test_mmap_threshold_is_in_effect_where_the_malloc_was_not_preloaded():
     assert state["mapped"] >= MiB
 
 
-def test_profile_worker_runs_under_the_policy_fit_runs_under(tmp_path):
+def test_profile_workers_run_under_the_policy_fit_runs_under(tmp_path, monkeypatch):
     from edgetrain.memory.profile import ProfileSpec, profile
 
+    monkeypatch.delenv(allocator.POLICY_ENV, raising=False)
     spec = ProfileSpec(model="resnet8", widths=(8, 16, 16), dataset="fashion-mnist-mini",
                        train_limit=600, batch_size=32, modules=2, steps=2, threads=1)
-    (result,) = profile(spec, tmp_path, ["e2e"])["results"]
-    policy, malloc = _expected_default()
-    state = result["allocator"]
-    assert (state["policy"], state["malloc"], state["in_effect"]) == (policy, malloc, True), state
+    results = profile(spec, tmp_path, ["e2e", "trgl-par"])["results"]
+    for result, mode in zip(results, [None, "parallel"]):
+        state = result["allocator"]
+        assert (state["policy"], state["malloc"], state["in_effect"]) == (*_expected(mode),
+                                                                          True), state
 
 
 def test_every_policy_names_a_known_malloc_and_cuda_keeps_the_old_one():
@@ -117,3 +129,4 @@ def test_every_policy_names_a_known_malloc_and_cuda_keeps_the_old_one():
         assert policy.malloc in ("glibc", "jemalloc", "mimalloc", "tcmalloc")
         assert (policy.preload is None) == (policy.malloc == "glibc"), policy.name
     assert allocator.CUDA_POLICY == allocator.FALLBACK_POLICY == "mmap-128k"
+    assert allocator.PARALLEL_POLICY == "mmap-128k"

@@ -39,6 +39,7 @@ from edgetrain.bench.grid import (
 from edgetrain.devices import DeviceProfile, apply_profile, is_simulated, load_profile
 from edgetrain.errors import UserInputError
 from edgetrain.machine import MachineInfo, detect_machine
+from edgetrain.memory import allocator
 
 RESULTS = "results.jsonl"
 RUNS = "runs"
@@ -179,7 +180,8 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     # Rich would otherwise wrap the child's messages at 80 columns in the stderr tail.
-    env = {**os.environ, "COLUMNS": "200"}
+    # base_env: the child's own launcher picks the allocation policy of its method and mode.
+    env = {**allocator.base_env(), "COLUMNS": "200"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = {
         "run_id": run.run_id,

@@ -49,7 +49,9 @@ def run_variant(spec: ProfileSpec, name: str, method: str, mode: str) -> dict:
     # The worker runs under the allocation policy `edgetrain fit` runs under (its malloc
     # preloaded where installed): the same peaks as training, not another allocator's.
     proc = subprocess.run([sys.executable, "-m", "edgetrain.memory.worker", payload],
-                          capture_output=True, text=True, env=allocator.child_env())
+                          capture_output=True, text=True,
+                          env=allocator.child_env(None if method.startswith("e2e") else mode,
+                                                  spec.device))
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise UserInputError(f"profiling {name} failed: {tail[0]}")

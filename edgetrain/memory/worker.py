@@ -46,7 +46,9 @@ def warm_up() -> None:
 
 def main(spec: dict) -> dict:
     device = torch.device(spec.get("device", "cpu"))
-    alloc = allocator.apply(device.type)  # the policy `edgetrain fit` runs under
+    # The policy `edgetrain fit` runs under for this method and mode.
+    alloc = allocator.apply(device.type, None if spec["method"].startswith("e2e") else
+                            spec["mode"])
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -177,7 +179,9 @@ def main(spec: dict) -> dict:
                                                  list(head.parameters()))[1]
             costs[-1]["head_bytes"] = (parameter_bytes(head) + 2 * trainable_bytes(head)
                                        + head_saved)
-            del module, head, opt
+            # Everything of module k goes before module k+1's phase is reset and measured, as
+            # in `edgetrain fit`: the step closure and the batches hold it too.
+            del module, head, opt, step, x, y, features
         largest = max(range(len(costs)), key=lambda i: costs[i]["total_bytes"])
         floor = {"parts": costs[largest], "bytes": costs[largest]["total_bytes"],
                  "largest_module": largest, "per_module": costs}
