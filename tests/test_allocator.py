@@ -111,14 +111,17 @@ def test_mmap_threshold_is_in_effect_where_the_malloc_was_not_preloaded():
     assert state["mapped"] >= MiB
 
 
-def test_profile_workers_run_under_the_policy_fit_runs_under(tmp_path, monkeypatch):
-    from edgetrain.memory.profile import ProfileSpec, profile
-
-    monkeypatch.delenv(allocator.POLICY_ENV, raising=False)
-    spec = ProfileSpec(model="resnet8", widths=(8, 16, 16), dataset="fashion-mnist-mini",
-                       train_limit=600, batch_size=32, modules=2, steps=2, threads=1)
-    results = profile(spec, tmp_path, ["e2e", "trgl-par"])["results"]
-    for result, mode in zip(results, [None, "parallel"]):
+def test_profile_workers_run_under_the_policy_fit_runs_under(tmp_path):
+    """`edgetrain profile` through the real launcher (preloaded itself, where tcmalloc is
+    installed): each worker still gets the policy of its own method and mode."""
+    proc = subprocess.run([sys.executable, "-m", "edgetrain", "profile", "--model", "resnet8",
+                           "--widths", "8,16,16", "--dataset", "fashion-mnist-mini",
+                           "--batch-size", "32", "-K", "2", "--steps", "2", "--threads", "1",
+                           "--only", "e2e", "--only", "trgl-par", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "profile.json").read_text())["results"]
+    for result, mode in zip(results, [None, "parallel"], strict=True):
         state = result["allocator"]
         assert (state["policy"], state["malloc"], state["in_effect"]) == (*_expected(mode),
                                                                           True), state

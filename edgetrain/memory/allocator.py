@@ -283,6 +283,8 @@ def base_env() -> dict[str, str]:
             env.pop(key, None)
         if added["ld_preload"]:
             env["LD_PRELOAD"] = added["ld_preload"]
+        else:
+            env.pop("LD_PRELOAD", None)
     return env
 
 
