@@ -5,18 +5,20 @@ process's malloc, and how that malloc keeps freed blocks decides two things edge
 about: the peak resident memory, which a memory-short device must hold, and the time spent in
 the kernel mapping fresh pages and zeroing them on first touch, every step.
 
-**The policy: tcmalloc, preloaded by the launcher; glibc with a 128 KiB mmap threshold where it
-is not installed.**
+**The policy, per method and mode on the CPU: end to end and sequential mode run under
+tcmalloc, preloaded by the launcher; parallel mode, and every run where tcmalloc is not
+installed, under glibc with a 128 KiB mmap threshold.**
 
-- glibc with ``M_MMAP_THRESHOLD`` = 128 KiB (``mmap-128k``, the fallback): every block above
-  128 KiB is its own mapping, unmapped when freed. No freed buffer stays resident, so peaks are
-  what training needs, but each step maps, faults in (zeroes) and unmaps every activation.
+- glibc with ``M_MMAP_THRESHOLD`` = 128 KiB (``mmap-128k``): every block above 128 KiB is its
+  own mapping, unmapped when freed. No freed buffer stays resident, so peaks are what training
+  needs, but each step maps, faults in (zeroes) and unmaps every activation: 60% of the CPU
+  time in the kernel.
 - glibc's heap (its default dynamic threshold, a fixed larger one, or no trimming until a phase
   ends) reuses buffers, but large activations and torch's small long-lived objects share one
-  heap: freed activations leave holes the next step cannot always reuse, and the peak grows.
+  heap: freed activations leave holes the next step cannot always reuse; peaks 17-21% higher.
 - tcmalloc keeps large spans apart from small objects and reuses freed spans for the same
-  shapes next step: the peak stays at the 128 KiB threshold's (+1-2%) with almost no kernel
-  time.
+  shapes next step: the run's peak stays within 1-2.5% of the 128 KiB threshold's with 2-5% of
+  the CPU time in the kernel, and a third of its CPU time.
 
 Measured side by side, interleaved, medians of 3 runs of the whole process (``python
 benchmarks/alloc_policies.py``: ResNet-20, 3,000 built-in images, 2 epochs, ``--threads 1``,
@@ -32,31 +34,44 @@ included; every other candidate in ``benchmarks/results/alloc-policies/``):
 
 tcmalloc is the only candidate within 3% of the 128 KiB threshold's peak with at most 10% of
 its CPU time in the kernel for both methods (jemalloc's decay purges cost 20-27% kernel time;
-Debian's mimalloc 2.0 peaked 3.2% higher end to end, PyPI's mimalloc 3.4 4-5%). Module-wise
-peaks still fall from module to module (707, 634, 620, 616 MiB; 128 KiB threshold: 698, 622,
-604, 591).
+without decay, its peaks with checkpointing and in parallel mode were 17-21% higher in the
+ResNet-56 profile; Debian's mimalloc 2.0 peaked
+3.2% higher end to end, PyPI's mimalloc 3.4 4-5%).
+
+What tcmalloc costs in memory, and why parallel mode does without it: reused spans fragment
+when buffers of other shapes follow. A later module's phase can then peak above what it needs,
+though not above module 1's: ResNet-20 modules 707, 634, 620, 616 MiB (128 KiB threshold:
+698, 622, 604, 591); ResNet-56 at batch 256 (`edgetrain fit`, 1,024 images, K = 4) 1,115,
+1,116, 779, 695 against 1,089, 905, 766, 681: module 2 reaches module 1's peak, so the run's
+peak is still within 2.5%, and the planner's probes, which run under the same policy, predicted
+every module within 6.2%. With ``--split balanced`` (modules of equal activation memory) this
+could raise the run's peak; not measured. Parallel mode alternates every module's buffers in
+each step and peaked 3.1-3.9% higher under tcmalloc (ResNet-20,
+``benchmarks/results/alloc-policies-parallel/``; 4.4% in the ResNet-56 profile): over the 3%
+allowed, so it keeps the 128 KiB threshold and its kernel time (:data:`PARALLEL_POLICY`).
 
 At the points where a phase's buffers die (each module, each planner probe, the final
 evaluation: :meth:`MemoryMeter.reset`), :func:`release_to_os` hands free memory back
-(``MallocExtension_ReleaseFreeMemory``, or glibc's ``malloc_trim``), so a phase's peak is its
-own and later modules' peaks do not carry earlier ones.
+(``MallocExtension_ReleaseFreeMemory``, or glibc's ``malloc_trim``), so a phase starts from
+what is alive, not from what earlier phases left.
 
 A malloc cannot be swapped inside a running process: ``LD_PRELOAD`` must name it when the
 process starts. So the ``edgetrain`` launcher (``python -m edgetrain`` and the console script)
-calls :func:`relaunch` first, which re-executes the same command with tcmalloc preloaded when
-it is installed (Debian/Ubuntu ``libtcmalloc-minimal4``; not on PyPI). Where it is not,
-or where edgetrain runs inside another program, :func:`apply` falls back to ``mmap-128k`` and
-the run's report says so (``report.json`` ``allocator``). ``edgetrain fit`` (and with it the
-planner's probes, which run inside it) and the worker of ``edgetrain profile`` call
-:func:`apply` before building anything.
+calls :func:`relaunch` first, which re-executes the same command once with tcmalloc preloaded
+when the run's policy wants it and it is installed (Debian/Ubuntu ``libtcmalloc-minimal4``; not
+on PyPI). Where it is not, or where edgetrain runs inside another program, :func:`apply` falls
+back to ``mmap-128k`` and the run's report says so (``report.json`` ``allocator``). ``edgetrain
+fit`` (and with it the planner's probes, which run inside it) and the worker of ``edgetrain
+profile`` call :func:`apply` before building anything; subprocesses start from
+:func:`base_env`, so each picks the policy of its own method and mode.
 
 On CUDA nothing changes: activations live in torch's CUDA caching allocator, which already
 reuses blocks, and host memory holds little more than the dataset. A machine with an NVIDIA
-device keeps glibc with the 128 KiB threshold as before, unless ``EDGETRAIN_ALLOC_POLICY``
-asks otherwise.
+device keeps glibc with the 128 KiB threshold as before (:data:`CUDA_POLICY`), unless
+``EDGETRAIN_ALLOC_POLICY`` asks otherwise.
 
 ``EDGETRAIN_ALLOC_POLICY=<name>`` picks any policy of :data:`POLICIES` for a process and the
-processes it starts; ``benchmarks/alloc_policies.py`` runs them all side by side.
+processes it starts; ``benchmarks/alloc_policies.py`` runs them side by side.
 """
 
 from __future__ import annotations
