@@ -35,8 +35,8 @@ included; every other candidate in ``benchmarks/results/alloc-policies/``):
 tcmalloc is the only candidate within 3% of the 128 KiB threshold's peak with at most 10% of
 its CPU time in the kernel for both methods (jemalloc's decay purges cost 20-27% kernel time;
 without decay, its peaks with checkpointing and in parallel mode were 17-21% higher in the
-ResNet-56 profile; Debian's mimalloc 2.0 peaked
-3.2% higher end to end, PyPI's mimalloc 3.4 4-5%).
+ResNet-56 profile; Debian's mimalloc 2.0 peaked 3.2% higher end to end, PyPI's mimalloc 3.4
+4-5%).
 
 What tcmalloc costs in memory, and why parallel mode does without it: reused spans fragment
 when buffers of other shapes follow. A later module's phase can then peak above what it needs,
