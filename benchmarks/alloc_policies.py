@@ -13,7 +13,7 @@ resident set over all phases, framework included); training-only is report.json'
 The child's ``ru_maxrss`` is recorded but is not the run's peak: the meter resets the kernel's
 high-water mark per phase (clear_refs), and ``ru_maxrss`` is taken from it.
 
-    python benchmarks/alloc_policies.py                       # all policies, ~45 min on 2 cores
+    python benchmarks/alloc_policies.py                       # every policy: ~40 min, 2 cores
     python benchmarks/alloc_policies.py --policies mmap-128k heap-trim --rounds 1 --quick
 
 Writes OUT/results.json (every run, and the medians) and OUT/results.md (the table), after

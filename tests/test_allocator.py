@@ -35,12 +35,12 @@ def _fit(out: Path, *flags: str, **env: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def _expected(mode: str | None = None) -> tuple[str, str]:
+def _expected(mode: str | None = None, checkpointing: bool = False) -> tuple[str, str]:
     """(policy, malloc) a fresh `edgetrain fit` in ``mode`` should run under on this machine."""
     if allocator._nvidia_device_present():
         return allocator.CUDA_POLICY, "glibc"
-    if mode == "parallel":
-        return allocator.PARALLEL_POLICY, "glibc"
+    if mode == "parallel" or checkpointing:
+        return allocator.MIXED_SHAPES_POLICY, "glibc"
     default = allocator.POLICIES[allocator.DEFAULT_POLICY]
     if allocator.find_library(default.preload) is None:
         return allocator.FALLBACK_POLICY, "glibc"
@@ -61,12 +61,14 @@ def test_fit_runs_under_the_default_policy_and_its_probes_too(tmp_path):
                                                                  rel=0.10), phase
 
 
-def test_parallel_mode_keeps_the_128k_threshold(tmp_path):
-    """Parallel mode peaked over 3% higher under tcmalloc: the launcher does not preload it."""
-    report = _fit(tmp_path / "run", "--mode", "parallel")
+@pytest.mark.parametrize("flags", [["--mode", "parallel"], ["--activation-checkpointing"]])
+def test_parallel_mode_and_checkpointing_keep_the_128k_threshold(tmp_path, flags):
+    """Both peaked over 3% higher under tcmalloc: the launcher does not preload it."""
+    report = _fit(tmp_path / "run", *flags)
     state = report["allocator"]
-    assert (state["policy"], state["malloc"], state["in_effect"]) == (*_expected("parallel"),
-                                                                      True), state
+    expected = _expected(flags[1] if flags[0] == "--mode" else "sequential",
+                         flags[0] == "--activation-checkpointing")
+    assert (state["policy"], state["malloc"], state["in_effect"]) == (*expected, True), state
 
 
 def test_fit_falls_back_when_the_policy_malloc_is_not_installed(tmp_path):
@@ -117,13 +119,15 @@ def test_profile_workers_run_under_the_policy_fit_runs_under(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgetrain", "profile", "--model", "resnet8",
                            "--widths", "8,16,16", "--dataset", "fashion-mnist-mini",
                            "--batch-size", "32", "-K", "2", "--steps", "2", "--threads", "1",
-                           "--only", "e2e", "--only", "trgl-par", "--out", str(tmp_path)],
+                           "--only", "e2e", "--only", "e2e-ckpt", "--only", "trgl-par",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, env=_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((tmp_path / "profile.json").read_text())["results"]
-    for result, mode in zip(results, [None, "parallel"], strict=True):
+    expected = [_expected(), _expected(checkpointing=True), _expected("parallel")]
+    for result, (policy, malloc) in zip(results, expected, strict=True):
         state = result["allocator"]
-        assert (state["policy"], state["malloc"], state["in_effect"]) == (*_expected(mode),
+        assert (state["policy"], state["malloc"], state["in_effect"]) == (policy, malloc,
                                                                           True), state
 
 
@@ -132,4 +136,4 @@ def test_every_policy_names_a_known_malloc_and_cuda_keeps_the_old_one():
         assert policy.malloc in ("glibc", "jemalloc", "mimalloc", "tcmalloc")
         assert (policy.preload is None) == (policy.malloc == "glibc"), policy.name
     assert allocator.CUDA_POLICY == allocator.FALLBACK_POLICY == "mmap-128k"
-    assert allocator.PARALLEL_POLICY == "mmap-128k"
+    assert allocator.MIXED_SHAPES_POLICY == "mmap-128k"

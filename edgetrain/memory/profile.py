@@ -51,7 +51,7 @@ def run_variant(spec: ProfileSpec, name: str, method: str, mode: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "edgetrain.memory.worker", payload],
                           capture_output=True, text=True,
                           env=allocator.child_env(None if method.startswith("e2e") else mode,
-                                                  spec.device))
+                                                  spec.device, method == "e2e-ckpt"))
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise UserInputError(f"profiling {name} failed: {tail[0]}")

@@ -48,7 +48,7 @@ def main(spec: dict) -> dict:
     device = torch.device(spec.get("device", "cpu"))
     # The policy `edgetrain fit` runs under for this method and mode.
     alloc = allocator.apply(device.type, None if spec["method"].startswith("e2e") else
-                            spec["mode"])
+                            spec["mode"], spec["method"] == "e2e-ckpt")
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
