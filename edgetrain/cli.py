@@ -3,7 +3,6 @@ else lives here."""
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -16,6 +15,7 @@ from edgetrain.config import FitConfig
 from edgetrain.errors import UserInputError
 from edgetrain.memory.planner import BudgetError
 from edgetrain.reporting import print_plan, print_report
+from edgetrain.runs.files import is_out_of_space
 from edgetrain.units import MemorySize
 
 app = typer.Typer(
@@ -27,7 +27,6 @@ app = typer.Typer(
 
 T = TypeVar("T")
 R = TypeVar("R")
-_OUT_OF_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 @app.callback()
@@ -122,6 +121,14 @@ def fit(
         bool,
         typer.Option(help="Continue the run in --out from its last finished module or epoch."),
     ] = False,
+    allow_changes: Annotated[
+        str,
+        typer.Option(
+            help="With --resume: settings that may differ from the run's own for the modules "
+            "not finished yet, comma separated, e.g. lr (after a diverged module) or "
+            "cache-dtype,cache (after a full disk). Finished modules are kept."
+        ),
+    ] = "",
     device_profile: Annotated[
         str | None,
         typer.Option(
@@ -172,6 +179,8 @@ def fit(
             out=out,
             overwrite=overwrite,
             resume=resume,
+            allow_changes=tuple(c.strip().replace("-", "_") for c in allow_changes.split(",")
+                                if c.strip()),
             memory_budget=budget.bytes if budget else None,
             memory_budget_text=memory_budget,
         )
@@ -192,11 +201,13 @@ def fit(
     except NonFiniteLossError as e:
         _fail(str(e), code=3)
     except OSError as e:
-        if e.errno not in _OUT_OF_SPACE:
+        if not is_out_of_space(e):
             raise
-        _fail(f"Ran out of disk space writing {e.filename or out}. Free space there, or choose "
-              f"another --out; finished modules are kept in {out}, and --resume continues the "
-              "run once there is room.", code=2)
+        _fail(f"Ran out of disk space writing {e.filename or out}. Finished modules are kept in "
+              f"{out}. Free space there and run the same command with --resume; or keep "
+              "going with less disk: --resume --cache-dtype float16 --allow-changes "
+              "cache-dtype (half the cache), or --resume --cache none --allow-changes cache "
+              "(no cache).", code=2)
     except KeyboardInterrupt:
         _fail(f"Interrupted. Finished modules and the last epoch checkpoint are kept in {out}; "
               "to continue, run the same command again with --resume.", code=130)

@@ -33,8 +33,6 @@ recomputed with torch (tests/test_onnx.py checks both facts).
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import torch
 from torch import nn
@@ -99,9 +97,8 @@ def train_module_ort(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     del optimizer, session, state
     # The artifacts hold this module's *initial* weights: stale once trained (the trained ones
     # are saved by the scheduler; `edgetrain export-artifacts` writes trainable ones).
-    shutil.rmtree(folder, ignore_errors=True)
-    if not any((ctx.run.root / "ort").iterdir()):
-        (ctx.run.root / "ort").rmdir()
+    # Only the artifact files edgetrain wrote are removed (edgetrain/runs/ownership.py).
+    ctx.run.remove("ort")
     return test_acc
 
 

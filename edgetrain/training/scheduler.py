@@ -29,7 +29,6 @@ with.
 from __future__ import annotations
 
 import gc
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,10 +50,16 @@ from edgetrain.models.network import (
 )
 from edgetrain.models.resnet import ResNetSpec
 from edgetrain.models.split import ModulePlan
-from edgetrain.runs.files import load_weights, save_weights
+from edgetrain.records import Fields
+from edgetrain.runs.files import load_weights, save_weights, weights_problem
 from edgetrain.runs.progress import ProgressBars
 from edgetrain.runs.rundir import RunDir
-from edgetrain.training.checkpoints import load_checkpoint, save_checkpoint
+from edgetrain.training.checkpoints import (
+    CheckpointDamagedError,
+    NonFiniteWeightsError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from edgetrain.training.steps import (
     EpochStats,
     NonFiniteLossError,
@@ -92,10 +97,21 @@ class Context:
         return self.memory_plan.phase(phase).micro_batch
 
     def finished_modules(self) -> dict[int, dict]:
-        """Modules an earlier run of this folder finished (weights saved, result logged)."""
-        done = {e["module"]: {k: v for k, v in e.items() if k not in ("event", "time")}
-                for e in self.run.read_metrics() if e["event"] == "module"}
-        return {k: r for k, r in done.items() if self.run.module_path(k).exists()}
+        """Modules an earlier run of this folder finished: result logged, weights saved and
+        intact (checksum). From the first module that fails the check on, nothing counts as
+        finished: modules after a damaged one were trained on its outputs, so they are trained
+        again with it."""
+        logged = finished_module_records(self.run, len(self.plans))
+        done: dict[int, dict] = {}
+        for k in range(len(self.plans)):
+            if k not in logged:
+                break
+            if problem := weights_problem(self.run.module_path(k)):
+                self.run.log("module_damaged", module=k, problem=problem,
+                             retrain=list(range(k, len(self.plans))))
+                break
+            done[k] = logged[k]
+        return done
 
     def inference_batch_size(self, phase: int | None = None) -> int:
         """Batch size for evaluation and caching: the planned micro-batch, so inference never
@@ -121,6 +137,24 @@ class Context:
         g = torch.Generator()
         g.manual_seed(hash((self.config.seed, *salt)) & 0x7FFF_FFFF_FFFF_FFFF)
         return g
+
+
+def finished_module_records(run: RunDir, num_modules: int | None = None) -> dict[int, dict]:
+    """The "module" records of the run's log, by module index (the last one of each wins);
+    RecordError if a record is malformed."""
+    done = {}
+    for e in run.read_metrics():
+        if e["event"] != "module":
+            continue
+        f = Fields(e, run.metrics_path, " (a 'module' record)")
+        k = f.int("module", low=0, high=None if num_modules is None else num_modules - 1)
+        f.float("aux_test_accuracy", low=0, high=1, optional=True)
+        done[k] = {key: v for key, v in e.items() if key not in ("event", "time")}
+    return done
+
+
+def finished_module_indices(run: RunDir) -> set[int]:
+    return set(finished_module_records(run))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,8 +310,9 @@ def train_sequential(ctx: Context) -> list[dict]:
         elif test_acc is None:
             test_acc = _evaluate_module(ctx, k, cfg.epochs - 1, module, head, frozen, force=True)
         # The module's weights, then its "module" log line, mark it finished: a run killed
-        # before both exist redoes the module from its last epoch checkpoint.
-        save_weights(ctx.run.module_path(k), _module_state(module, head),
+        # before both exist redoes the module from its last epoch checkpoint. A module whose
+        # weights are not finite is never saved as finished.
+        _save_module(ctx, k, module, head, cfg.epochs - 1,
                      {"module": k, "blocks": f"{plan.start}:{plan.stop}"})
         results.append(_module_result(ctx, k, test_acc, train_time, train_peak, cache_time,
                                       cache_peak))
@@ -285,14 +320,14 @@ def train_sequential(ctx: Context) -> list[dict]:
         ctx.run.checkpoint_path(k).unlink(missing_ok=True)
         if k > 0:
             # Module k+1 reads only cache k: cache k-1 is dead weight on the disk.
-            shutil.rmtree(ctx.run.module_cache_root(k - 1), ignore_errors=True)
+            ctx.run.remove(f"cache/module_{k - 1}")
         if cfg.cache == "none":
             frozen.append(module)  # kept (weights only) to recompute its outputs every batch
         # Free module k before module k+1 is built: its weights, grads and head go now.
         del module, head
         gc.collect()
     if cfg.cache == "disk":
-        shutil.rmtree(ctx.run.root / "cache", ignore_errors=True)
+        ctx.run.remove("cache")
     return results
 
 
@@ -346,7 +381,7 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
             test_acc = _evaluate_module(ctx, k, epoch, module, head, frozen)
             # Checkpoint first, then log: a kill in between repeats an epoch line, never
             # loses an epoch.
-            save_checkpoint(ctx.run.checkpoint_path(k), epoch, parts, optimizers)
+            _checkpoint(ctx, k, k, epoch, parts, optimizers)
             ctx.run.log("epoch", module=k, epoch=epoch, lr=sched.get_last_lr()[0],
                         test_accuracy=test_acc, **stats.as_dict())
     # The optimizer (momentum buffers as large as the weights) dies with this frame.
@@ -370,6 +405,10 @@ def _evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: 
 
 def train_parallel(ctx: Context) -> list[dict]:
     cfg = ctx.config
+    done = ctx.finished_modules()
+    if len(done) == len(ctx.plans):
+        # Resuming a run whose modules were all saved (only its report was missing).
+        return [done[k] for k in range(len(ctx.plans))]
     ctx.meter.reset()
     start = time.perf_counter()
     modules, heads, optimizers = [], [], []
@@ -406,7 +445,7 @@ def train_parallel(ctx: Context) -> list[dict]:
                     m.eval()
                 accuracies = evaluate(modules, heads, raw_batches(
                     ctx, False, False, None, batch_size=ctx.inference_batch_size()))
-            save_checkpoint(ctx.run.checkpoint_path("parallel"), epoch, parts, opts)
+            _checkpoint(ctx, "parallel", None, epoch, parts, opts)
             for k in range(len(modules)):
                 ctx.run.log("epoch", module=k, epoch=epoch,
                             lr=optimizers[k][1].get_last_lr()[0],
@@ -420,7 +459,7 @@ def train_parallel(ctx: Context) -> list[dict]:
     elapsed = time.perf_counter() - start
     results = []
     for k, (module, head) in enumerate(zip(modules, heads)):
-        save_weights(ctx.run.module_path(k), _module_state(module, head), {"module": k})
+        _save_module(ctx, k, module, head, cfg.epochs - 1, {"module": k})
         results.append(_module_result(ctx, k, accuracies[k], elapsed, peak, 0.0, None))
         ctx.run.log("module", **results[-1])
     return results
@@ -456,8 +495,7 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
                 network.eval()
                 (accuracy,) = evaluate([_Whole(network)], [nn.Identity()], raw_batches(
                     ctx, False, False, None, batch_size=ctx.inference_batch_size()))
-            save_checkpoint(ctx.run.checkpoint_path("e2e"), epoch, {"network": network},
-                            {"opt": (opt, sched)})
+            _checkpoint(ctx, "e2e", None, epoch, {"network": network}, {"opt": (opt, sched)})
             ctx.run.log("epoch", module=None, epoch=epoch, lr=sched.get_last_lr()[0],
                         test_accuracy=accuracy, **stats.as_dict())
     ctx.run.log("phase", name="e2e", peak_memory_bytes=ctx.meter.read().peak_bytes)
@@ -529,13 +567,39 @@ def tau_for(config: FitConfig) -> list[float]:
 
 
 def _resume_point(ctx: Context, name: str, parts: dict, optimizers: dict) -> int:
-    """The first epoch to run: after the last checkpointed one, or 0 for a fresh start."""
+    """The first epoch to run: after the last checkpointed one, or 0 for a fresh start (also
+    when the checkpoint is damaged: it is discarded, and the log says why)."""
     path = ctx.run.checkpoint_path(name)
     if not path.exists():
         return 0
-    first = load_checkpoint(path, parts, optimizers, ctx.device) + 1
+    try:
+        first = load_checkpoint(path, parts, optimizers, ctx.device, ctx.config.epochs) + 1
+    except CheckpointDamagedError as e:
+        ctx.run.log("checkpoint_discarded", phase=name, reason=str(e))
+        path.unlink()
+        return 0
     ctx.run.log("resume", phase=name, epoch=first)
     return first
+
+
+def _checkpoint(ctx: Context, name: int | str, module: int | None, epoch: int, parts: dict,
+                optimizers: dict) -> None:
+    """The epoch checkpoint; a diverged state stops the run instead (the previous
+    checkpoint, still finite, stays)."""
+    try:
+        save_checkpoint(ctx.run.checkpoint_path(name), epoch, parts, optimizers)
+    except NonFiniteWeightsError as e:
+        raise NonFiniteLossError(module, epoch, None, "non-finite weights", str(e)) from None
+
+
+def _save_module(ctx: Context, k: int, module: nn.Module, head: nn.Module, epoch: int,
+                 metadata: dict) -> None:
+    state = _module_state(module, head)
+    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteLossError(k, epoch, None, "non-finite weights",
+                                 str(NonFiniteWeightsError(bad)))
+    save_weights(ctx.run.module_path(k), state, metadata)
 
 
 def _steps_per_epoch(ctx: Context) -> int:

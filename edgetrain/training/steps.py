@@ -14,14 +14,20 @@ from edgetrain.training.transport import module_loss, transport_weight
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite: training stops, finished modules are kept."""
+    """Training diverged (the loss, or the weights, became NaN or infinite): training stops,
+    nothing diverged is saved, finished modules are kept."""
 
-    def __init__(self, module: int | None, epoch: int, step: int, value: float):
-        where = f"module {module + 1}" if module is not None else "the end-to-end network"
+    def __init__(self, module: int | None, epoch: int, step: int | None, value,
+                 detail: str = ""):
+        where = f"module {module + 1}" if module is not None else "the network"
+        at = f"epoch {epoch + 1}" + (f", step {step + 1}" if step is not None else "")
+        what = (f"The weights of {where} became NaN or infinite" if value == "non-finite weights"
+                else f"The loss of {where} became {value}")
         super().__init__(
-            f"The loss of {where} became {value} at epoch {epoch + 1}, step {step + 1}. "
-            "Training stopped; modules finished before it are kept in the run folder. "
-            "Try a smaller --lr, or a larger --tau."
+            f"{what} at {at}{f' ({detail})' if detail else ''}. Training stopped; nothing "
+            "diverged was saved, and modules finished before it are kept in the run folder. "
+            "To train it again with a smaller learning rate: the same command with --resume "
+            "--lr SMALLER --allow-changes lr (or a larger --tau with --allow-changes tau)."
         )
         self.module, self.epoch, self.step = module, epoch, step
 
