@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgetrain.cli_output import out_of_space
 from edgetrain.errors import UserInputError
 from edgetrain.units import format_bytes
 
@@ -49,6 +50,9 @@ def profile(
             f"  {r['variant']}: peak {format_bytes(r['peak_bytes'])}"))
     except UserInputError as e:
         _fail(str(e), code=2)
+    except OSError as e:
+        if not out_of_space(e, str(out)):
+            raise
     print_profile(data)
     console.print(f"written: {out / 'profile.json'}, {out / 'profile.png'}")
 

@@ -150,6 +150,10 @@ class FitConfig:
                             ("--modules", self.modules), ("--cache-views", self.cache_views)):
             if value < 1:
                 problems.append(f"{flag} must be at least 1 (got {value}).")
+        if self.cache_views > max(self.epochs, 1) and self.epochs >= 1:
+            problems.append(f"--cache-views {self.cache_views} is more than --epochs "
+                            f"{self.epochs}: epoch e reads view e mod N, so only {self.epochs} "
+                            "would ever be read. Use at most --epochs views.")
         # Written as `not (low <= x < high)` so that NaN, which fails every comparison, is
         # refused too.
         if not 0 < self.lr < math.inf:

@@ -19,10 +19,12 @@ from edgetrain.memory.planner import MemoryPlan, make_plan
 from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import split_network
 from edgetrain.records import Fields, RecordError, read_json_object
-from edgetrain.runs.files import save_weights, weights_problem, write_json_atomic
+from edgetrain.runs.files import write_json_atomic
 from edgetrain.runs.progress import ProgressBars
 from edgetrain.runs.rundir import RunDir, check_new_run, claim_new_run, open_for_resume
+from edgetrain.runs.weights import save_weights, weights_problem
 from edgetrain.training import scheduler
+from edgetrain.units import format_bytes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,6 +94,8 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int, progress
             "in another --out.")
     spec = resnet_spec(config.model, data.info.in_channels, config.widths)
     plans = split_network(spec, config.modules, data.info.image_size, config.split)
+    if problem := size_problem(config, spec, data.info, device):
+        raise UserInputError(problem)
     meter = MemoryMeter(device)
     ctx = scheduler.Context(config, data, spec, plans, scheduler.tau_for(config), device,
                             RunDir(config.out), meter, ProgressBars(progress))
@@ -177,6 +181,31 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int, progress
     run.remove("checkpoints")
     run.log("done", test_accuracy=accuracy, wall_time_s=report["wall_time_s"])
     return report
+
+
+def size_problem(config: FitConfig, spec, info, device: torch.device) -> str | None:
+    """Why the network or a batch cannot possibly fit this machine, or None; nothing is
+    allocated to find out. Weights, gradients and momentum take three copies of the
+    parameters; one input batch is batch x C x H x W floats. (The planner measures the real
+    need under --memory-budget; this only stops sizes that would end in the OOM killer.)"""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    weights = 3 * 4 * spec.parameter_count()
+    batch = 4 * config.batch_size * info.in_channels * info.image_size ** 2
+    if weights > total:
+        return (f"--model {config.model} --widths {','.join(map(str, config.widths))} has "
+                f"{spec.parameter_count():,} parameters: with gradients and momentum "
+                f"{format_bytes(weights)}, more than this machine's {format_bytes(total)}. "
+                "Choose narrower --widths or a smaller --model.")
+    if batch > total:
+        return (f"--batch-size {config.batch_size} at {info.image_size}x{info.image_size} px "
+                f"needs {format_bytes(batch)} for one input batch alone, more than this "
+                f"machine's {format_bytes(total)}. Choose a smaller --batch-size.")
+    return None
 
 
 def _read_stored_config(run: RunDir) -> tuple[FitConfig, dict]:

@@ -10,8 +10,8 @@ ResNet-8 at widths 8,16,16 on 200 training images, one epoch.
 from __future__ import annotations
 
 import errno
-import json
 import hashlib
+import json
 import random
 import re
 import shutil
@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 import edgetrain.fit
 from edgetrain.cli import app
 from edgetrain.models.resnet import resnet_spec
-from edgetrain.runs.files import load_weights
+from edgetrain.runs.weights import load_weights
 
 TINY = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "2", "--epochs", "1",
         "--train-limit", "200", "--test-limit", "100", "--batch-size", "50", "--lr", "0.1",

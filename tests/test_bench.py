@@ -141,6 +141,16 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
     assert result.exit_code == 2 and "--only" in result.output
 
 
+def write_fake_run(out: Path, report: dict) -> None:
+    """What a finished `edgetrain fit` leaves for the bench: a marked run folder whose
+    report.json carries the marker's run id."""
+    from edgetrain.runs.ownership import RUN_KIND, write_marker
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker = write_marker(out, RUN_KIND)
+    (out / "report.json").write_text(json.dumps({**report, "run_id": marker.run_id}))
+
+
 def fake_report(accuracy: float) -> dict:
     return {"test_accuracy": accuracy, "peak_memory_bytes": 700 * MiB,
             "training_memory_bytes": 80 * MiB, "framework_baseline_bytes": 620 * MiB,
@@ -158,7 +168,7 @@ def test_failed_run_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tmp_path
         if "vanilla" in str(out) and len(calls) < 3:
             return subprocess.CompletedProcess(cmd, 2, "", "error: --data-dir has no files\n")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(fake_report(0.5 + len(calls) / 100)))
+        write_fake_run(out, fake_report(0.5 + len(calls) / 100))
         return subprocess.CompletedProcess(cmd, 0, "test accuracy 50%", "")
 
     monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=fake_run))
@@ -191,7 +201,7 @@ def test_over_budget_and_does_not_fit_are_results_not_failures(tmp_path, monkeyp
             return subprocess.CompletedProcess(cmd, 5, "", "error: --memory-budget 3.2GB (2.98 "
                                                "GiB) is too small: module 1 needs at least 4 GiB")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(fake_report(0.6)))
+        write_fake_run(out, fake_report(0.6))
         return subprocess.CompletedProcess(cmd, 4, "", "error: the measured peak memory "
                                            "exceeded --memory-budget")
 
@@ -218,7 +228,7 @@ def test_a_report_that_contradicts_the_flags_fails_the_run(tmp_path, monkeypatch
         out.mkdir(parents=True, exist_ok=True)
         report = {**fake_report(0.8), "method": "e2e", "num_modules": 1,
                   "activation_checkpointing": False}
-        (out / "report.json").write_text(json.dumps(report))
+        write_fake_run(out, report)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=fake_run))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from edgetrain.cli import app
-from edgetrain.runs.files import load_weights
+from edgetrain.runs.weights import load_weights
 
 TINY = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "2", "--train-limit", "600",
         "--test-limit", "300", "--batch-size", "64", "--lr", "0.1", "--threads", "2",

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from edgetrain.cache import cache_is_valid
 from edgetrain.cli import app
-from edgetrain.runs.files import load_weights
+from edgetrain.runs.weights import load_weights
 
 ARGS = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "3", "--epochs", "3",
         "--train-limit", "1200", "--test-limit", "300", "--batch-size", "64", "--lr", "0.1",

@@ -39,6 +39,9 @@ from edgetrain.bench.grid import (
 from edgetrain.devices import DeviceProfile, apply_profile, is_simulated, load_profile
 from edgetrain.errors import UserInputError
 from edgetrain.machine import MachineInfo, detect_machine
+from edgetrain.records import Fields, RecordError, read_jsonl
+from edgetrain.runs.ownership import RUN_KIND, read_marker
+from edgetrain.runs.rundir import RunDir
 
 RESULTS = "results.jsonl"
 RUNS = "runs"
@@ -88,15 +91,21 @@ def plan(preset: Preset, profile: DeviceProfile | None = None,
 
 
 def read_results(path: Path) -> list[dict]:
-    """Every line of a results.jsonl; a line cut short by a killed bench is ignored."""
-    if not path.exists():
-        return []
+    """Every line of a results.jsonl, checked; a last line cut short by a killed bench is
+    ignored, any other malformed line is a RecordError naming the file, line and field."""
     lines = []
-    for text in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(text))
-        except json.JSONDecodeError:
-            continue
+    for number, line in read_jsonl(path):
+        f = Fields(line, path, f" line {number}")
+        f.str("run_id")
+        status = f.str("status", choices=(*FINISHED, "failed"))
+        if status in ("ok", "over_budget"):
+            f.float("test_accuracy", low=0, high=1)
+            f.int("peak_memory_bytes", low=0)
+            f.int("training_memory_bytes", low=0)
+            f.float("wall_time_s", low=0)
+            f.str("method")
+            f.int("modules", low=1, optional=True)
+        lines.append(line)
     return lines
 
 
@@ -174,8 +183,9 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "edgetrain", "fit", *run.args, "--out", str(run_dir),
            "--overwrite", "--no-progress"]
     report_path = run_dir / "report.json"
-    # A report left by an earlier attempt must not pass for this run's.
-    report_path.unlink(missing_ok=True)
+    # A report left by an earlier attempt must not pass for this run's: this run's report
+    # carries the run id of the marker its --overwrite writes anew.
+    earlier = _run_id(run_dir)
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     # Rich would otherwise wrap the child's messages at 80 columns in the stderr tail.
@@ -198,7 +208,13 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
     }
     tail = (proc.stderr or proc.stdout)[-_STDERR_TAIL:]
     if proc.returncode in (0, EXIT_OVER_BUDGET) and report_path.exists():
-        report = json.loads(report_path.read_text())
+        try:
+            report = RunDir(run_dir).read_report()
+        except RecordError as e:
+            return {**line, "status": "failed", "stderr_tail": str(e)}
+        if report.get("run_id") in (None, earlier) or report.get("run_id") != _run_id(run_dir):
+            return {**line, "status": "failed", "stderr_tail": f"{report_path} is not the "
+                    "report of this run (its run id is not the run folder's new one)"}
         wrong = mismatches(run.spec.fit, report)
         if wrong:
             # A result under the wrong label is worse than none: fail it loudly.
@@ -210,6 +226,14 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
     if proc.returncode == EXIT_DOES_NOT_FIT:
         return {**line, "status": "does_not_fit", "stderr_tail": tail}
     return {**line, "status": "failed", "stderr_tail": tail}
+
+
+def _run_id(run_dir: Path) -> str | None:
+    try:
+        marker = read_marker(run_dir, RUN_KIND)
+    except RecordError:
+        return None
+    return marker.run_id if marker else None
 
 
 def mismatches(fit: dict, report: dict) -> str:

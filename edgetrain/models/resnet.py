@@ -22,6 +22,8 @@ from edgetrain.models.recompute import recompute_in_backward
 RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44,
                  "resnet56": 56, "resnet110": 110}
 DEFAULT_WIDTHS = (16, 32, 64)
+MAX_WIDTH = 4096
+"""Widest stage --widths accepts: one 3x3 conv at 4096 channels already holds 600 MB."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,20 @@ class ResNetSpec:
     def out_channels(self) -> int:
         return self.blocks[-1].out_channels
 
+    def parameter_count(self) -> int:
+        """Parameters of the network's modules, counted from the spec (nothing is built).
+
+        >>> resnet_spec("resnet20", 3).parameter_count()
+        271824
+        """
+        count = self.in_channels * self.stem_channels * 9 + 2 * self.stem_channels
+        for b in self.blocks:
+            count += b.in_channels * b.out_channels * 9 + b.out_channels ** 2 * 9
+            count += 4 * b.out_channels
+            if b.stride != 1 or b.in_channels != b.out_channels:
+                count += b.in_channels * b.out_channels + 2 * b.out_channels
+        return count
+
 
 def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = None) -> ResNetSpec:
     """The block list of a CIFAR ResNet: ``resnet20`` has 3 stages of 3 blocks (9 blocks).
@@ -66,6 +82,9 @@ def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = No
     widths = tuple(widths or DEFAULT_WIDTHS)
     if not widths or any(w < 1 for w in widths):
         raise UserInputError(f"--widths {widths} must be positive integers, e.g. 16,32,64.")
+    if any(w > MAX_WIDTH for w in widths) or len(widths) > 8:
+        raise UserInputError(f"--widths {','.join(map(str, widths))[:60]}: at most 8 stages of "
+                             f"at most {MAX_WIDTH} channels, e.g. 16,32,64.")
     per_stage = (RESNET_DEPTHS[name] - 2) // 6
     blocks: list[BlockSpec] = []
     channels = widths[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgetrain.runs.files import WeightsCorruptError, load_weights, read_metadata, save_weights
+from edgetrain.runs.weights import WeightsCorruptError, load_weights, read_metadata, save_weights
 from edgetrain.training.sgd import SGD, CosineSchedule
 
 

@@ -51,9 +51,9 @@ from edgetrain.models.network import (
 from edgetrain.models.resnet import ResNetSpec
 from edgetrain.models.split import ModulePlan
 from edgetrain.records import Fields
-from edgetrain.runs.files import load_weights, save_weights, weights_problem
 from edgetrain.runs.progress import ProgressBars
 from edgetrain.runs.rundir import RunDir
+from edgetrain.runs.weights import load_weights, save_weights, weights_problem
 from edgetrain.training.checkpoints import (
     CheckpointDamagedError,
     NonFiniteWeightsError,
