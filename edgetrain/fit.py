@@ -74,6 +74,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int, progress
         run, lock, marker = open_for_resume(config.out)
         held.callback(lock.release)
         stored, stored_resolved = _read_stored_config(run)
+        scheduler.finished_module_records(run, stored.modules)  # the log, checked before use
         changed = {k: (stored_resolved.get(k), v) for k, v in resolved.items()
                    if stored_resolved.get(k) not in (None, v)}
         if problem := config.resume_problem(stored, config.out, changed):

@@ -523,3 +523,149 @@ def test_full_disk_while_writing_weights_or_exporting_is_a_clean_error(tmp_path,
         assert key in printed and "disk space" in err and "Traceback" not in err, err
     assert ".tmp" not in printed  # no half-written file left behind
     assert "model.onnx" not in printed
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Data that cannot hang or lie
+# ---------------------------------------------------------------------------------------------
+
+def _image_tree(root: Path, classes=("a", "b"), per_class: int = 3) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (10, 10), (30 * i, 0, 0)).save(root / split / c / f"{i}.png")
+
+
+def test_image_folder_walk_is_safe(tmp_path):
+    """Links out of the data root, link loops and FIFOs are not followed or read; a link to a
+    folder inside the root is; a training set with one class is refused."""
+    from edgetrain.data import load_dataset
+    from edgetrain.errors import UserInputError
+
+    root = tmp_path / "data"
+    _image_tree(root)
+    outside = tmp_path / "elsewhere"
+    _image_tree(outside, per_class=5)
+    (root / "train" / "a" / "out").symlink_to(outside / "train" / "a",
+                                              target_is_directory=True)
+    (root / "train" / "a" / "loop").symlink_to(root / "train", target_is_directory=True)
+    os.mkfifo(root / "train" / "b" / "pipe.png")  # opening it would block forever
+    (root / "train" / "b" / "dangling.png").symlink_to(tmp_path / "nothing.png")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "extra").mkdir()
+    _image_tree(root / "extra", classes=("a",), per_class=2)
+    (root / "train" / "b" / "more").symlink_to(root / "extra" / "train" / "a",
+                                               target_is_directory=True)
+    bundle = load_dataset("imagefolder", data_dir=root, image_size=8)
+    names = sorted(os.path.relpath(p, root) for p, _ in bundle.train.samples)
+    assert bundle.train.classes == ["a", "b"]
+    assert names == ["train/a/0.png", "train/a/1.png", "train/a/2.png", "train/b/0.png",
+                     "train/b/1.png", "train/b/2.png", "train/b/more/0.png",
+                     "train/b/more/1.png"]
+    assert [x.shape for x, _ in bundle.train][0] == (3, 8, 8)
+
+    single = tmp_path / "single"
+    _image_tree(single, classes=("only",))
+    with pytest.raises(UserInputError, match="single class"):
+        load_dataset("imagefolder", data_dir=single)
+
+
+def test_a_data_file_whose_header_promises_more_is_refused_unread(tmp_path):
+    from edgetrain.data.formats import read_idx
+
+    path = tmp_path / "train-images-idx3-ubyte"
+    header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (60000, 28, 28))
+    path.write_bytes(header + bytes(28 * 28))  # one image where 60,000 are promised
+    with pytest.raises(ValueError, match=r"header says \(60000, 28, 28\).*784 bytes"):
+        read_idx(path, 3)
+    fifo = tmp_path / "t10k-images-idx3-ubyte"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_idx(fifo, 3)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--widths", "4096,4096,4096", "--model", "resnet110"], ["parameters", "narrower --widths"]),
+    (["--widths", "9999"], ["--widths", "at most 4096"]),
+    (["--batch-size", str(10**12)], ["--batch-size", "smaller --batch-size"]),
+    (["--cache-views", "5", "--epochs", "2"], ["--cache-views 5", "at most --epochs"]),
+])
+def test_sizes_that_cannot_fit_are_refused_before_allocation(tmp_path, args, needles):
+    out = tmp_path / "run"
+    refused(fit(out, *args, check=False), 2, *needles)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Every file edgetrain reads back is validated
+# ---------------------------------------------------------------------------------------------
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("name,change,needles", [
+    ("config.json", lambda d: d.update(epochs="three"), ["config.json", "'epochs'", "integer"]),
+    ("config.json", lambda d: d.update(widths=[8, "x"]), ["config.json", "'widths'"]),
+    ("config.json", lambda d: d.update(resolved=[]), ["config.json", "'resolved'"]),
+    ("config.json", None, ["config.json", "not valid JSON"]),
+    ("metrics.jsonl", None, ["metrics.jsonl line 1", "damaged"]),
+    ("metrics.jsonl", "module-record", ["metrics.jsonl", "'module'"]),
+], ids=["config-type", "config-widths", "config-resolved", "config-garbage",
+        "metrics-garbage", "metrics-module-type"])
+def test_resume_reads_back_checked_files(tmp_path, reference, name, change, needles):
+    """An unfinished run whose files were damaged or edited: a clean error naming the file
+    and the field, and nothing else touched."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "report.json").unlink()
+    path = out / name
+    if change is None:
+        path.write_text("{ garbage\n" + path.read_text())
+    elif change == "module-record":
+        with open(path, "a") as f:
+            f.write(json.dumps({"event": "module", "module": "zero"}) + "\n")
+            f.write(json.dumps({"event": "done"}) + "\n")
+    else:
+        _edit_json(path, change)
+    before = snapshot(out)
+    refused(fit(out, "--resume", check=False), 2, *needles)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("change,needles", [
+    (lambda d: d.update(model="resnet999"), ["model.json", "'model'"]),
+    (lambda d: d.update(widths=[10**9, 8, 8]), ["model.json", "'widths'"]),
+    (lambda d: d.update(modules=[[0, 1], [2, 3]]), ["model.json", "'modules'", "contiguous"]),
+    (lambda d: d.update(std=[0.0]), ["model.json", "'std'"]),
+    (lambda d: d.pop("num_classes"), ["model.json", "'num_classes' is missing"]),
+], ids=["model", "widths", "modules", "std", "missing"])
+def test_export_validates_model_json_before_building(tmp_path, finished, change, needles):
+    _edit_json(finished / "model.json", change)
+    refused(invoke("export", str(finished), "--out", str(tmp_path / "m.onnx")), 2, *needles)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_finished_run_with_a_garbled_report_is_rebuilt(finished, reference):
+    (finished / "report.json").write_text('{"test_accuracy": "high"}')
+    fit(finished, "--resume")
+    assert json.loads((finished / "report.json").read_text())["test_accuracy"] == \
+        json.loads((reference / "report.json").read_text())["test_accuracy"]
+    assert any(e["event"] == "outputs_damaged" for e in events(finished))
+
+
+def test_bench_results_are_validated(tmp_path):
+    out = tmp_path / "bench"
+    out.mkdir()
+    good = {"run_id": "a", "status": "failed"}
+    (out / "results.jsonl").write_text(json.dumps(good) + "\n"
+                                       + json.dumps({"run_id": "b", "status": "ok"}) + "\n")
+    refused(invoke("bench", "report", str(out)), 2, "results.jsonl line 2",
+            "'test_accuracy' is missing")
+    (out / "results.jsonl").write_text("[1, 2]\n" + json.dumps(good) + "\n")
+    refused(invoke("bench", "report", str(out)), 2, "results.jsonl line 1", "not a JSON object")

@@ -96,8 +96,12 @@ class ImageFolderDataset(Dataset):
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.samples: list[tuple[str, int]] = []
         empty = []
+        # Directories entered once in all: the split folder and the class folders themselves
+        # count as entered, so a link back up (a loop) or across to another class is skipped
+        # instead of giving that class's images a second, wrong label.
+        seen = {os.path.realpath(folder), *(os.path.realpath(folder / c) for c in classes)}
         for c in classes:
-            found = sorted(self._images(folder / c, set()))
+            found = sorted(self._images(folder / c, seen, top=True))
             if not found:
                 empty.append(c)
             self.samples += [(path, self.class_to_idx[c]) for path in found]
@@ -118,11 +122,12 @@ class ImageFolderDataset(Dataset):
         real = os.path.realpath(entry.path)
         return real == self._data_root or real.startswith(self._data_root + os.sep)
 
-    def _images(self, folder: Path, seen: set[str]):
+    def _images(self, folder: Path, seen: set[str], top: bool = False):
         real = os.path.realpath(folder)
-        if real in seen:
-            return  # a link loop, or a directory reached twice
-        seen.add(real)
+        if not top:
+            if real in seen:
+                return  # a link loop, or a directory reached twice
+            seen.add(real)
         try:
             entries = list(os.scandir(folder))
         except OSError:
