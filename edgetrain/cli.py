@@ -83,7 +83,10 @@ def fit(
     mode: Annotated[str, typer.Option(help="sequential | parallel.")] = "sequential",
     epochs: Annotated[int, typer.Option(help="Epochs per module (sequential), or in all.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak SGD learning rate (cosine schedule).")] = 0.05,
+    lr: Annotated[float, typer.Option(help="Peak SGD learning rate.")] = 0.05,
+    lr_schedule: Annotated[
+        str, typer.Option(help="cosine (to 0) | constant | step (/5 at 60% and 80%).")
+    ] = "cosine",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 5e-4,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy smoothing.")] = 0.0,
@@ -163,6 +166,7 @@ def fit(
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
+            lr_schedule=lr_schedule,
             momentum=momentum,
             weight_decay=weight_decay,
             label_smoothing=label_smoothing,

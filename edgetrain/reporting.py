@@ -51,6 +51,13 @@ def print_report(report: dict, out: Path, console: Console) -> None:
         console.print(guard)
     console.print(f"test accuracy (stitched network, raw test set): "
                   f"[bold]{report['test_accuracy']:.2%}[/bold]")
+    metrics = report.get("accuracy_metrics") or {}
+    if metrics.get("mean_last_3_epochs") is not None:
+        best = metrics.get("best_over_epochs_and_modules_half")
+        console.print(f"  mean of the last 3 epochs {metrics['mean_last_3_epochs']:.2%}"
+                      + (f"; best over epochs and modules on a random test half (the paper's "
+                         f"metric, selected on test data) {best:.2%}" if best is not None
+                         else ""))
     console.print(f"wall time: {report['wall_time_s']:.1f} s   peak memory: "
                   f"{format_bytes(report['peak_memory_bytes'])} ({report['memory_measured']}); "
                   f"framework baseline {format_bytes(report['framework_baseline_bytes'])}")

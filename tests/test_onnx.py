@@ -135,14 +135,15 @@ def test_matrix_pool_is_adaptive_pool():
 def test_plain_sgd_schedule_follows_torch_sgd_with_momentum():
     """For a constant gradient, plain SGD with plain_sgd_lr moves exactly as the torch
     backend's optimizer (SGD, momentum, cosine schedule) does."""
-    from edgetrain.onnx.schedule import cosine_lr, plain_sgd_lr
+    from edgetrain.onnx.schedule import plain_sgd_lr
+    from edgetrain.training.sgd import lr_at
     from edgetrain.training.steps import make_optimizer
 
     w = torch.zeros(1, requires_grad=True)
     opt, sched = make_optimizer([w], 0.1, 0.9, 0.0, 7)
     plain = 0.0
     for step in range(8):
-        assert cosine_lr(0.1, step, 7) == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
+        assert lr_at("cosine", 0.1, step, 7) == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
         opt.zero_grad()
         w.sum().backward()  # gradient 1
         opt.step()

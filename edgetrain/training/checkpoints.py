@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgetrain.runs.weights import WeightsCorruptError, load_weights, read_metadata, save_weights
-from edgetrain.training.sgd import SGD, CosineSchedule
+from edgetrain.training.sgd import SGD, LRSchedule
 
 
 class CheckpointDamagedError(Exception):
@@ -26,7 +26,7 @@ class CheckpointDamagedError(Exception):
 
 
 def save_checkpoint(path: Path, epoch: int, parts: dict[str, nn.Module],
-                    optimizers: dict[str, tuple[SGD, CosineSchedule]]) -> None:
+                    optimizers: dict[str, tuple[SGD, LRSchedule]]) -> None:
     state = {}
     for name, part in parts.items():
         state.update({f"{name}.{k}": v for k, v in part.state_dict().items()})
@@ -51,7 +51,7 @@ class NonFiniteWeightsError(ValueError):
 
 
 def load_checkpoint(path: Path, parts: dict[str, nn.Module],
-                    optimizers: dict[str, tuple[SGD, CosineSchedule]], device,
+                    optimizers: dict[str, tuple[SGD, LRSchedule]], device,
                     epochs: int) -> int:
     """Restore ``parts`` and ``optimizers`` in place; return the last finished epoch.
 

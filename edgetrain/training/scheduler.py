@@ -28,6 +28,7 @@ with.
 
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from collections.abc import Iterator
@@ -69,6 +70,7 @@ from edgetrain.training.steps import (
     greedy_step,
     make_optimizer,
     set_train,
+    test_half,
 )
 from edgetrain.training.transport import module_loss, tau_schedule
 
@@ -130,6 +132,11 @@ class Context:
     @property
     def num_classes(self) -> int:
         return self.data.info.num_classes
+
+    @functools.cached_property
+    def test_half(self) -> torch.Tensor:
+        """The fixed random half of the test set the authors' metric is computed on."""
+        return test_half(len(self.data.test), self.config.seed)
 
     def generator(self, *salt: int) -> torch.Generator:
         """A CPU generator seeded from the run's seed and ``salt``: reproducible, independent
@@ -308,7 +315,8 @@ def train_sequential(ctx: Context) -> list[dict]:
             test_acc = cache_outputs(ctx, k, module, head)
             cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
         elif test_acc is None:
-            test_acc = _evaluate_module(ctx, k, cfg.epochs - 1, module, head, frozen, force=True)
+            test_acc, _ = _evaluate_module(ctx, k, cfg.epochs - 1, module, head, frozen,
+                                           force=True)
         # The module's weights, then its "module" log line, mark it finished: a run killed
         # before both exist redoes the module from its last epoch checkpoint. A module whose
         # weights are not finite is never saved as finished.
@@ -363,7 +371,7 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     cfg = ctx.config
     steps = cfg.epochs * _steps_per_epoch(ctx)
     opt, sched = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
-                                cfg.momentum, cfg.weight_decay, steps)
+                                cfg.momentum, cfg.weight_decay, steps, cfg.lr_schedule)
     test_acc = None
     parts, optimizers = {"module": module, "head": head}, {"opt": (opt, sched)}
     first = _resume_point(ctx, str(k), parts, optimizers)
@@ -378,25 +386,30 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
                 sched.step()
                 _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
-            test_acc = _evaluate_module(ctx, k, epoch, module, head, frozen)
+            test_acc, test_half = _evaluate_module(ctx, k, epoch, module, head, frozen)
             # Checkpoint first, then log: a kill in between repeats an epoch line, never
             # loses an epoch.
             _checkpoint(ctx, k, k, epoch, parts, optimizers)
             ctx.run.log("epoch", module=k, epoch=epoch, lr=sched.get_last_lr()[0],
-                        test_accuracy=test_acc, **stats.as_dict())
+                        test_accuracy=test_acc, test_accuracy_half=test_half,
+                        **stats.as_dict())
     # The optimizer (momentum buffers as large as the weights) dies with this frame.
     return test_acc
 
 
 def _evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: nn.Module,
-                     frozen: list[nn.Module], force: bool = False) -> float | None:
+                     frozen: list[nn.Module], force: bool = False
+                     ) -> tuple[float | None, float | None]:
+    """The head's test accuracy, on the whole test set and on its fixed half (or Nones when
+    this epoch is not evaluated)."""
     last_epoch = epoch == ctx.config.epochs - 1
     if not (ctx.config.eval_every_epoch or last_epoch or force):
-        return None
+        return None, None
     module.eval()
     head.eval()
-    (accuracy,) = evaluate([module], [head], module_inputs(ctx, k, False, epoch, frozen))
-    return accuracy
+    result = evaluate([module], [head], module_inputs(ctx, k, False, epoch, frozen),
+                      ctx.test_half)
+    return result.full[0], result.half[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,8 +432,10 @@ def train_parallel(ctx: Context) -> list[dict]:
         set_checkpointing(modules[-1], ctx.checkpointing(0))
         heads.append(build_head(plan, ctx.num_classes).to(ctx.device))
         optimizers.append(make_optimizer([*modules[k].parameters(), *heads[k].parameters()],
-                                         cfg.lr, cfg.momentum, cfg.weight_decay, steps))
+                                         cfg.lr, cfg.momentum, cfg.weight_decay, steps,
+                                         cfg.lr_schedule))
     accuracies: list[float | None] = [None] * len(modules)
+    halves: list[float | None] = [None] * len(modules)
     parts = {**{f"module{k}": m for k, m in enumerate(modules)},
              **{f"head{k}": h for k, h in enumerate(heads)}}
     opts = {f"opt{k}": o for k, o in enumerate(optimizers)}
@@ -443,18 +458,21 @@ def train_parallel(ctx: Context) -> list[dict]:
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
                 for m in (*modules, *heads):
                     m.eval()
-                accuracies = evaluate(modules, heads, raw_batches(
-                    ctx, False, False, None, batch_size=ctx.inference_batch_size()))
+                result = evaluate(modules, heads, raw_batches(
+                    ctx, False, False, None, batch_size=ctx.inference_batch_size()),
+                    ctx.test_half)
+                accuracies, halves = result.full, result.half
             _checkpoint(ctx, "parallel", None, epoch, parts, opts)
             for k in range(len(modules)):
                 ctx.run.log("epoch", module=k, epoch=epoch,
                             lr=optimizers[k][1].get_last_lr()[0],
-                            test_accuracy=accuracies[k], **stats[k].as_dict())
+                            test_accuracy=accuracies[k], test_accuracy_half=halves[k],
+                            **stats[k].as_dict())
     if accuracies[0] is None:  # resumed after the last epoch: nothing was evaluated yet
         for m in (*modules, *heads):
             m.eval()
         accuracies = evaluate(modules, heads, raw_batches(
-            ctx, False, False, None, batch_size=ctx.inference_batch_size()))
+            ctx, False, False, None, batch_size=ctx.inference_batch_size())).full
     peak = ctx.meter.read().peak_bytes
     elapsed = time.perf_counter() - start
     results = []
@@ -477,7 +495,7 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
     set_checkpointing(network, ctx.checkpointing(0))
     steps = cfg.epochs * _steps_per_epoch(ctx)
     opt, sched = make_optimizer(network.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
-                                steps)
+                                steps, cfg.lr_schedule)
     first = _resume_point(ctx, "e2e", {"network": network}, {"opt": (opt, sched)})
     with ctx.bars.task("end to end", total=steps) as update:
         update(advance=first * _steps_per_epoch(ctx))
@@ -490,14 +508,16 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
                 sched.step()
                 _accumulate_or_stop(stats, numbers, len(y), None, epoch, step)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
-            accuracy = None
+            accuracy = half = None
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
                 network.eval()
-                (accuracy,) = evaluate([_Whole(network)], [nn.Identity()], raw_batches(
-                    ctx, False, False, None, batch_size=ctx.inference_batch_size()))
+                result = evaluate([_Whole(network)], [nn.Identity()], raw_batches(
+                    ctx, False, False, None, batch_size=ctx.inference_batch_size()),
+                    ctx.test_half)
+                accuracy, half = result.full[0], result.half[0]
             _checkpoint(ctx, "e2e", None, epoch, {"network": network}, {"opt": (opt, sched)})
             ctx.run.log("epoch", module=None, epoch=epoch, lr=sched.get_last_lr()[0],
-                        test_accuracy=accuracy, **stats.as_dict())
+                        test_accuracy=accuracy, test_accuracy_half=half, **stats.as_dict())
     ctx.run.log("phase", name="e2e", peak_memory_bytes=ctx.meter.read().peak_bytes)
     return network
 
@@ -554,10 +574,9 @@ def stitch(ctx: Context) -> StitchedNetwork:
 def test_accuracy(ctx: Context, network: StitchedNetwork) -> float:
     """End-to-end accuracy of the stitched network on the raw (normalised) test set."""
     freeze(network)
-    (accuracy,) = evaluate([_Whole(network)], [nn.Identity()],
-                           raw_batches(ctx, False, False, None,
-                                       batch_size=ctx.inference_batch_size()))
-    return accuracy
+    return evaluate([_Whole(network)], [nn.Identity()],
+                    raw_batches(ctx, False, False, None,
+                                batch_size=ctx.inference_batch_size())).full[0]
 
 
 def tau_for(config: FitConfig) -> list[float]:
