@@ -82,6 +82,10 @@ def fit(
     method: Annotated[str, typer.Option(help="trgl | vanilla | e2e.")] = "trgl",
     mode: Annotated[str, typer.Option(help="sequential | parallel.")] = "sequential",
     epochs: Annotated[int, typer.Option(help="Epochs per module (sequential), or in all.")] = 5,
+    laps: Annotated[
+        int, typer.Option(help="Passes over the modules (sequential); each lap trains every "
+                          "module epochs/laps epochs, continuing from the lap before.")
+    ] = 1,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak SGD learning rate.")] = 0.05,
     lr_schedule: Annotated[
@@ -164,6 +168,7 @@ def fit(
             method=method,
             mode=mode,
             epochs=epochs,
+            laps=laps,
             batch_size=batch_size,
             lr=lr,
             lr_schedule=lr_schedule,

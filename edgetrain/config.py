@@ -59,6 +59,9 @@ class FitConfig:
     each on the detached output of the one before."""
     epochs: int = 5
     """Epochs per module (sequential), or for the whole network (parallel, e2e)."""
+    laps: int = 1
+    """Multi-lap sequential training: N passes over the modules, each module training
+    epochs/N epochs per pass and continuing from its weights of the pass before."""
     batch_size: int = 128
     """Mini-batch size."""
     lr: float = 0.05
@@ -158,6 +161,16 @@ class FitConfig:
                             ("--modules", self.modules), ("--cache-views", self.cache_views)):
             if value < 1:
                 problems.append(f"{flag} must be at least 1 (got {value}).")
+        if self.laps < 1:
+            problems.append(f"--laps must be at least 1 (got {self.laps}).")
+        elif self.laps > 1:
+            if self.mode != "sequential" or self.method == "e2e" or self.backend != "torch":
+                problems.append("--laps applies to sequential module-wise training with the "
+                                "torch backend: use it with --mode sequential, --method trgl or "
+                                "vanilla, --backend torch.")
+            if self.epochs >= 1 and self.epochs % self.laps:
+                problems.append(f"--epochs {self.epochs} must be a multiple of --laps "
+                                f"{self.laps}: each lap trains every module epochs/laps epochs.")
         if self.cache_views > max(self.epochs, 1) and self.epochs >= 1:
             problems.append(f"--cache-views {self.cache_views} is more than --epochs "
                             f"{self.epochs}: epoch e reads view e mod N, so only {self.epochs} "

@@ -81,7 +81,8 @@ def reference(tmp_path_factory):
     (("--cache", "none"), "mid-module-2"),
     (("--mode", "parallel"), "mid-epochs"),
     (("--method", "e2e"), "mid-epochs"),
-], ids=["seq-mid", "seq-between", "seq-nocache-mid", "parallel", "e2e"])
+    (("--laps", "3"), "mid-lap-2"),    # killed in lap 2: module 1 was retrained, caches rebuilt
+], ids=["seq-mid", "seq-between", "seq-nocache-mid", "parallel", "e2e", "laps"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, extra, point):
     conditions = {
         "mid-module-2": lambda ev: any(e["event"] == "epoch" and e.get("module") == 1
@@ -89,6 +90,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, extra, po
         "after-module-1": lambda ev: any(e["event"] == "module" and e["module"] == 0
                                          for e in ev),
         "mid-epochs": lambda ev: any(e["event"] == "epoch" for e in ev),
+        "mid-lap-2": lambda ev: any(e["event"] == "module" and e.get("lap") == 1
+                                    and e["module"] == 0 for e in ev),
     }
     out = tmp_path / "run"
     kill_when(out, list(extra), conditions[point])

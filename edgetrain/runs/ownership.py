@@ -198,7 +198,7 @@ RUN_LAYOUT = Layout(
            r"model\.json", r"plan\.json", re.escape(RUN_MARKER), r"\.write-test"),
     dirs={
         "modules": Layout(files=(r"module_\d+\.safetensors",)),
-        "checkpoints": Layout(files=(r"(\d+|parallel|e2e)\.safetensors",)),
+        "checkpoints": Layout(files=(r"(\d+|lap\d+_\d+|parallel|e2e)\.safetensors",)),
         "cache": Layout(dirs={r"module_\d+": Layout(dirs={r"train_v\d+|test": Layout(
             files=(r"features\.npy", r"labels\.npy", r"manifest\.json"))})}),
         # ONNX Runtime training artifacts of the module being trained (--backend ort).

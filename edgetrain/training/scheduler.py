@@ -91,6 +91,16 @@ class Context:
     meter: MemoryMeter
     bars: ProgressBars
     memory_plan: MemoryPlan | None = None
+    lap: int = 0
+    """The lap of multi-lap sequential training in progress (0 for one lap)."""
+
+    @property
+    def epochs_per_lap(self) -> int:
+        return self.config.epochs // self.config.laps
+
+    def checkpoint_name(self, k: int) -> str:
+        """Epoch checkpoint of module ``k`` in the current lap."""
+        return str(k) if self.lap == 0 else f"lap{self.lap}_{k}"
 
     def micro_batch(self, phase: int) -> int | None:
         """The planner's micro-batch for this phase (None: the whole batch at once)."""
@@ -98,22 +108,21 @@ class Context:
             return None
         return self.memory_plan.phase(phase).micro_batch
 
-    def finished_modules(self) -> dict[int, dict]:
-        """Modules an earlier run of this folder finished: result logged, weights saved and
-        intact (checksum). From the first module that fails the check on, nothing counts as
-        finished: modules after a damaged one were trained on its outputs, so they are trained
-        again with it."""
+    def finished_modules(self) -> dict[tuple[int, int], dict]:
+        """``(lap, module)`` steps an earlier run of this folder finished: result logged,
+        weights saved and intact (checksum). From the first module that fails the check on,
+        nothing counts as finished: modules after a damaged one were trained on its outputs,
+        so they are trained again with it. With several laps a module file holds its latest
+        lap only, so a damaged one sends training back to the start."""
         logged = finished_module_records(self.run, len(self.plans))
-        done: dict[int, dict] = {}
-        for k in range(len(self.plans)):
-            if k not in logged:
-                break
+        for k in sorted({k for _, k in logged}):
             if problem := weights_problem(self.run.module_path(k)):
+                retrain = [step for step in logged if step[1] >= k] if self.config.laps == 1 \
+                    else list(logged)
                 self.run.log("module_damaged", module=k, problem=problem,
-                             retrain=list(range(k, len(self.plans))))
-                break
-            done[k] = logged[k]
-        return done
+                             retrain=[list(step) for step in sorted(retrain)])
+                return {step: r for step, r in logged.items() if step not in retrain}
+        return logged
 
     def inference_batch_size(self, phase: int | None = None) -> int:
         """Batch size for evaluation and caching: the planned micro-batch, so inference never
@@ -146,22 +155,24 @@ class Context:
         return g
 
 
-def finished_module_records(run: RunDir, num_modules: int | None = None) -> dict[int, dict]:
-    """The "module" records of the run's log, by module index (the last one of each wins);
-    RecordError if a record is malformed."""
+def finished_module_records(run: RunDir, num_modules: int | None = None
+                            ) -> dict[tuple[int, int], dict]:
+    """The "module" records of the run's log, by ``(lap, module)`` (the last one of each
+    wins); RecordError if a record is malformed."""
     done = {}
     for e in run.read_metrics():
         if e["event"] != "module":
             continue
         f = Fields(e, run.metrics_path, " (a 'module' record)")
         k = f.int("module", low=0, high=None if num_modules is None else num_modules - 1)
+        lap = f.int("lap", low=0, optional=True) or 0
         f.float("aux_test_accuracy", low=0, high=1, optional=True)
-        done[k] = {key: v for key, v in e.items() if key not in ("event", "time")}
+        done[lap, k] = {key: v for key, v in e.items() if key not in ("event", "time")}
     return done
 
 
 def finished_module_indices(run: RunDir) -> set[int]:
-    return set(finished_module_records(run))
+    return {k for _, k in finished_module_records(run)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,68 +286,93 @@ def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module,
 # ---------------------------------------------------------------------------------------------
 
 def train_sequential(ctx: Context) -> list[dict]:
+    """Train the modules one after the other; with ``--laps N``, N passes over them, each
+    module continuing from its weights of the lap before for E/N epochs (its optimiser and
+    schedule start afresh). Retraining a module invalidates the caches after it: they are
+    rebuilt in order, as each later module is reached. Returns the last lap's results."""
     cfg = ctx.config
-    results: list[dict] = []
-    frozen: list[nn.Module] = []  # only used with --cache none
+    results: dict[int, dict] = {}
     done = ctx.finished_modules()
-    for k, plan in enumerate(ctx.plans):
-        if k in done:
-            # Resuming: module k finished in an earlier run. Keep its logged result; make sure
-            # what the next module reads from it is there and intact.
-            results.append(done[k])
-            if cfg.cache == "none":
-                frozen.append(freeze(load_module(ctx, k)[0]))
-            elif k < len(ctx.plans) - 1 and k + 1 not in done:
-                ensure_cache(ctx, k)
-            continue
+    for lap in range(cfg.laps):
+        ctx.lap = lap
+        frozen: list[nn.Module] = []  # only used with --cache none
+        for k, plan in enumerate(ctx.plans):
+            if (lap, k) in done:
+                # Resuming: module k finished this lap in an earlier run. Keep its logged
+                # result; make sure what the next module reads from it is there and intact.
+                # (A cache written in an earlier lap never survives into this one: each lap
+                # ends by removing every cache, and cache k is rewritten when module k
+                # finishes a lap, before the log says so.)
+                results[k] = done[lap, k]
+                if cfg.cache == "none":
+                    frozen.append(freeze(load_module(ctx, k)[0]))
+                elif k < len(ctx.plans) - 1 and (lap, k + 1) not in done:
+                    ensure_cache(ctx, k)
+                continue
+            results[k] = train_one_module(ctx, k, plan, frozen)
+        if cfg.cache == "disk":
+            ctx.run.remove("cache")
+    return [results[k] for k in range(len(ctx.plans))]
+
+
+def train_one_module(ctx: Context, k: int, plan: ModulePlan, frozen: list[nn.Module]) -> dict:
+    """Module k's step of the current lap: build (or reload) it, train, freeze, cache, save."""
+    cfg = ctx.config
+    ctx.meter.reset()
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed * 1000 + k)
+    # Only module k and its head are built: nothing else of the network is allocated.
+    module = build_module(ctx.spec, plan).to(ctx.device)
+    head = build_head(plan, ctx.num_classes).to(ctx.device)
+    if ctx.lap > 0:
+        # A later lap continues from the module's weights of the lap before.
+        saved, saved_head = load_module(ctx, k)
+        module.load_state_dict(saved.state_dict())
+        head.load_state_dict(saved_head.state_dict())
+        del saved, saved_head
+        set_train(module, head)
+        module.requires_grad_(True)
+        head.requires_grad_(True)
+    set_checkpointing(module, ctx.checkpointing(k))
+    if cfg.backend == "ort":
+        from edgetrain.onnx.ort_training import train_module_ort
+
+        test_acc = train_module_ort(ctx, k, module, head, frozen)
+    else:
+        test_acc = train_module_torch(ctx, k, module, head, frozen)
+    train_peak = ctx.meter.read().peak_bytes
+    train_time = time.perf_counter() - start
+
+    # Frozen from here on: BatchNorm keeps its running statistics, nothing needs grads.
+    freeze(module)
+    freeze(head)
+    cache_time, cache_peak = 0.0, None
+    last = ctx.epochs_per_lap - 1
+    if cfg.cache == "disk" and k < len(ctx.plans) - 1:
         ctx.meter.reset()
-        start = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1000 + k)
-        # Only module k and its head are built: nothing else of the network is allocated.
-        module = build_module(ctx.spec, plan).to(ctx.device)
-        head = build_head(plan, ctx.num_classes).to(ctx.device)
-        set_checkpointing(module, ctx.checkpointing(k))
-        if cfg.backend == "ort":
-            from edgetrain.onnx.ort_training import train_module_ort
-
-            test_acc = train_module_ort(ctx, k, module, head, frozen)
-        else:
-            test_acc = train_module_torch(ctx, k, module, head, frozen)
-        train_peak = ctx.meter.read().peak_bytes
-        train_time = time.perf_counter() - start
-
-        # Frozen from here on: BatchNorm keeps its running statistics, nothing needs grads.
-        freeze(module)
-        freeze(head)
-        cache_time, cache_peak = 0.0, None
-        if cfg.cache == "disk" and k < len(ctx.plans) - 1:
-            ctx.meter.reset()
-            t = time.perf_counter()
-            test_acc = cache_outputs(ctx, k, module, head)
-            cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
-        elif test_acc is None:
-            test_acc, _ = _evaluate_module(ctx, k, cfg.epochs - 1, module, head, frozen,
-                                           force=True)
-        # The module's weights, then its "module" log line, mark it finished: a run killed
-        # before both exist redoes the module from its last epoch checkpoint. A module whose
-        # weights are not finite is never saved as finished.
-        _save_module(ctx, k, module, head, cfg.epochs - 1,
-                     {"module": k, "blocks": f"{plan.start}:{plan.stop}"})
-        results.append(_module_result(ctx, k, test_acc, train_time, train_peak, cache_time,
-                                      cache_peak))
-        ctx.run.log("module", **results[-1])
-        ctx.run.checkpoint_path(k).unlink(missing_ok=True)
-        if k > 0:
-            # Module k+1 reads only cache k: cache k-1 is dead weight on the disk.
-            ctx.run.remove(f"cache/module_{k - 1}")
-        if cfg.cache == "none":
-            frozen.append(module)  # kept (weights only) to recompute its outputs every batch
-        # Free module k before module k+1 is built: its weights, grads and head go now.
-        del module, head
-        gc.collect()
-    if cfg.cache == "disk":
-        ctx.run.remove("cache")
-    return results
+        t = time.perf_counter()
+        test_acc = cache_outputs(ctx, k, module, head)
+        cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
+    elif test_acc is None:
+        test_acc, _ = _evaluate_module(ctx, k, last, module, head, frozen, force=True)
+    # The module's weights, then its "module" log line, mark it finished: a run killed
+    # before both exist redoes the module from its last epoch checkpoint. A module whose
+    # weights are not finite is never saved as finished.
+    _save_module(ctx, k, module, head, last,
+                 {"module": k, "lap": ctx.lap, "blocks": f"{plan.start}:{plan.stop}"})
+    result = _module_result(ctx, k, test_acc, train_time, train_peak, cache_time, cache_peak)
+    ctx.run.log("module", **result)
+    ctx.run.checkpoint_path(ctx.checkpoint_name(k)).unlink(missing_ok=True)
+    if k > 0:
+        # Module k+1 reads only cache k: cache k-1 is dead weight on the disk.
+        ctx.run.remove(f"cache/module_{k - 1}")
+    if cfg.cache == "none":
+        frozen.append(module)  # kept (weights only) to recompute its outputs every batch
+    # Free module k before module k+1 is built: its weights, grads and head go now (the
+    # caller keeps ``module`` only in ``frozen``, with --cache none).
+    del module, head
+    gc.collect()
+    return result
 
 
 def load_module(ctx: Context, k: int) -> tuple[nn.Module, nn.Module]:
@@ -369,30 +405,36 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     """Train module ``k`` and its head with torch autograd; return the head's last test
     accuracy (None if not evaluated)."""
     cfg = ctx.config
-    steps = cfg.epochs * _steps_per_epoch(ctx)
+    epochs = ctx.epochs_per_lap
+    # Data order and augmentation are seeded by the epoch counted over all laps, so each lap
+    # sees new orders (and one lap draws exactly what it always did).
+    offset = ctx.lap * epochs
+    steps = epochs * _steps_per_epoch(ctx)
     opt, sched = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
                                 cfg.momentum, cfg.weight_decay, steps, cfg.lr_schedule)
     test_acc = None
     parts, optimizers = {"module": module, "head": head}, {"opt": (opt, sched)}
-    first = _resume_point(ctx, str(k), parts, optimizers)
-    with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)}", total=steps) as update:
+    name = ctx.checkpoint_name(k)
+    first = _resume_point(ctx, name, parts, optimizers)
+    lap = f", lap {ctx.lap + 1}/{cfg.laps}" if cfg.laps > 1 else ""
+    with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)}{lap}", total=steps) as update:
         update(advance=first * _steps_per_epoch(ctx))
-        for epoch in range(first, cfg.epochs):
+        for epoch in range(first, epochs):
             set_train(module, head)
             stats = EpochStats()
-            for step, (x, y) in enumerate(module_inputs(ctx, k, True, epoch, frozen)):
+            for step, (x, y) in enumerate(module_inputs(ctx, k, True, offset + epoch, frozen)):
                 _, numbers = greedy_step(module, head, x, y, ctx.taus[k], cfg.label_smoothing,
                                          opt, ctx.micro_batch(k))
                 sched.step()
                 _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
-                update(status=f"epoch {epoch + 1}/{cfg.epochs}")
+                update(status=f"epoch {epoch + 1}/{epochs}")
             test_acc, test_half = _evaluate_module(ctx, k, epoch, module, head, frozen)
             # Checkpoint first, then log: a kill in between repeats an epoch line, never
             # loses an epoch.
-            _checkpoint(ctx, k, k, epoch, parts, optimizers)
+            _checkpoint(ctx, name, k, epoch, parts, optimizers)
             ctx.run.log("epoch", module=k, epoch=epoch, lr=sched.get_last_lr()[0],
                         test_accuracy=test_acc, test_accuracy_half=test_half,
-                        **stats.as_dict())
+                        **({"lap": ctx.lap} if cfg.laps > 1 else {}), **stats.as_dict())
     # The optimizer (momentum buffers as large as the weights) dies with this frame.
     return test_acc
 
@@ -402,7 +444,7 @@ def _evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: 
                      ) -> tuple[float | None, float | None]:
     """The head's test accuracy, on the whole test set and on its fixed half (or Nones when
     this epoch is not evaluated)."""
-    last_epoch = epoch == ctx.config.epochs - 1
+    last_epoch = epoch == ctx.epochs_per_lap - 1
     if not (ctx.config.eval_every_epoch or last_epoch or force):
         return None, None
     module.eval()
@@ -592,7 +634,7 @@ def _resume_point(ctx: Context, name: str, parts: dict, optimizers: dict) -> int
     if not path.exists():
         return 0
     try:
-        first = load_checkpoint(path, parts, optimizers, ctx.device, ctx.config.epochs) + 1
+        first = load_checkpoint(path, parts, optimizers, ctx.device, ctx.epochs_per_lap) + 1
     except CheckpointDamagedError as e:
         ctx.run.log("checkpoint_discarded", phase=name, reason=str(e))
         path.unlink()
@@ -645,7 +687,7 @@ def _module_result(ctx: Context, k: int, accuracy: float | None, train_time: flo
     plan = ctx.plans[k]
     phase = ctx.memory_plan.phase(k if ctx.config.mode == "sequential" else 0) \
         if ctx.memory_plan else None
-    return {"module": k, "blocks": [plan.start, plan.stop], "tau": ctx.taus[k],
+    return {"module": k, "lap": ctx.lap, "blocks": [plan.start, plan.stop], "tau": ctx.taus[k],
             "predicted_peak_memory_bytes": phase.predicted_peak_bytes if phase else None,
             "micro_batch": phase.micro_batch if phase else ctx.config.batch_size,
             "checkpointing": ctx.checkpointing(k if ctx.config.mode == "sequential" else 0),
