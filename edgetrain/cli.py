@@ -95,7 +95,10 @@ def fit(
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 5e-4,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy smoothing.")] = 0.0,
     tau: Annotated[float, typer.Option(help="TRGL step size; penalty 1/(2 tau).")] = 1.0,
-    tau_schedule: Annotated[str, typer.Option(help="halved | constant.")] = "halved",
+    tau_schedule: Annotated[
+        str, typer.Option(help="halved | constant | multipliers (weight 1/lambda, lambda += CE "
+                          "every 50 steps).")
+    ] = "halved",
     activation_checkpointing: Annotated[
         bool,
         typer.Option(

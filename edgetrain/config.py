@@ -78,7 +78,9 @@ class FitConfig:
     tau: float = 1.0
     """Transport step size: the penalty weight is 1/(2 tau). Ignored unless method is trgl."""
     tau_schedule: str = "halved"
-    """halved: tau/2 for the first half of the modules, tau after (the authors'); constant."""
+    """halved: tau/2 for the first half of the modules, tau after (the authors'); constant;
+    multipliers: the method of multipliers (weight 1/lambda, lambda += CE every 50 steps,
+    lambda0 = 1; --tau unused)."""
 
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of keeping them (torch.utils.
@@ -132,6 +134,14 @@ class FitConfig:
             problems.append(f"--cache {self.cache!r} is not known; choose one of "
                             f"{', '.join(CACHE_MODES)}.")
         from edgetrain.training.sgd import LR_SCHEDULES
+        from edgetrain.training.transport import TAU_SCHEDULES
+
+        if self.tau_schedule not in TAU_SCHEDULES:
+            problems.append(f"--tau-schedule {self.tau_schedule!r} is not known; choose one of "
+                            f"{', '.join(TAU_SCHEDULES)}.")
+        elif self.tau_schedule == "multipliers" and self.backend == "ort":
+            problems.append("--tau-schedule multipliers is not available with --backend ort "
+                            "(its weight changes during training); use --backend torch.")
 
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"--lr-schedule {self.lr_schedule!r} is not known; choose one of "

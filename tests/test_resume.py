@@ -82,7 +82,10 @@ def reference(tmp_path_factory):
     (("--mode", "parallel"), "mid-epochs"),
     (("--method", "e2e"), "mid-epochs"),
     (("--laps", "3"), "mid-lap-2"),    # killed in lap 2: module 1 was retrained, caches rebuilt
-], ids=["seq-mid", "seq-between", "seq-nocache-mid", "parallel", "e2e", "laps"])
+    # The multipliers' lambda (updated at step 50 of 57) lives in the epoch checkpoint.
+    (("--mode", "parallel", "--tau-schedule", "multipliers"), "mid-epochs"),
+], ids=["seq-mid", "seq-between", "seq-nocache-mid", "parallel", "e2e", "laps",
+        "multipliers"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, extra, point):
     conditions = {
         "mid-module-2": lambda ev: any(e["event"] == "epoch" and e.get("module") == 1

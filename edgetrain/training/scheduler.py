@@ -72,7 +72,7 @@ from edgetrain.training.steps import (
     set_train,
     test_half,
 )
-from edgetrain.training.transport import module_loss, tau_schedule
+from edgetrain.training.transport import Multipliers, module_loss, tau_schedule
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -413,7 +413,10 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     opt, sched = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
                                 cfg.momentum, cfg.weight_decay, steps, cfg.lr_schedule)
     test_acc = None
+    multipliers = Multipliers() if cfg.tau_schedule == "multipliers" else None
     parts, optimizers = {"module": module, "head": head}, {"opt": (opt, sched)}
+    if multipliers is not None:
+        parts["multipliers"] = multipliers  # its lambda is part of the checkpoint
     name = ctx.checkpoint_name(k)
     first = _resume_point(ctx, name, parts, optimizers)
     lap = f", lap {ctx.lap + 1}/{cfg.laps}" if cfg.laps > 1 else ""
@@ -423,10 +426,13 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
             set_train(module, head)
             stats = EpochStats()
             for step, (x, y) in enumerate(module_inputs(ctx, k, True, offset + epoch, frozen)):
-                _, numbers = greedy_step(module, head, x, y, ctx.taus[k], cfg.label_smoothing,
+                tau = multipliers.tau if multipliers is not None else ctx.taus[k]
+                _, numbers = greedy_step(module, head, x, y, tau, cfg.label_smoothing,
                                          opt, ctx.micro_batch(k))
                 sched.step()
                 _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
+                if multipliers is not None:
+                    multipliers.update(float(numbers["ce"]))
                 update(status=f"epoch {epoch + 1}/{epochs}")
             test_acc, test_half = _evaluate_module(ctx, k, epoch, module, head, frozen)
             # Checkpoint first, then log: a kill in between repeats an epoch line, never
@@ -434,7 +440,9 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
             _checkpoint(ctx, name, k, epoch, parts, optimizers)
             ctx.run.log("epoch", module=k, epoch=epoch, lr=sched.get_last_lr()[0],
                         test_accuracy=test_acc, test_accuracy_half=test_half,
-                        **({"lap": ctx.lap} if cfg.laps > 1 else {}), **stats.as_dict())
+                        **({"lap": ctx.lap} if cfg.laps > 1 else {}),
+                        **({"tau": multipliers.tau} if multipliers is not None else {}),
+                        **stats.as_dict())
     # The optimizer (momentum buffers as large as the weights) dies with this frame.
     return test_acc
 
@@ -478,8 +486,11 @@ def train_parallel(ctx: Context) -> list[dict]:
                                          cfg.lr_schedule))
     accuracies: list[float | None] = [None] * len(modules)
     halves: list[float | None] = [None] * len(modules)
+    multipliers = ([Multipliers() for _ in modules] if cfg.tau_schedule == "multipliers"
+                   else None)
     parts = {**{f"module{k}": m for k, m in enumerate(modules)},
-             **{f"head{k}": h for k, h in enumerate(heads)}}
+             **{f"head{k}": h for k, h in enumerate(heads)},
+             **{f"multipliers{k}": m for k, m in enumerate(multipliers or [])}}
     opts = {f"opt{k}": o for k, o in enumerate(optimizers)}
     first = _resume_point(ctx, "parallel", parts, opts)
     with ctx.bars.task(f"{len(modules)} modules in parallel", total=steps) as update:
@@ -492,10 +503,13 @@ def train_parallel(ctx: Context) -> list[dict]:
                         zip(modules, heads, optimizers)):
                     # Module k's backward runs (and frees its activations) before module k+1's
                     # forward: one module's activations are alive at a time.
-                    x, numbers = greedy_step(module, head, x, y, ctx.taus[k],
-                                             cfg.label_smoothing, opt, ctx.micro_batch(0))
+                    tau = multipliers[k].tau if multipliers is not None else ctx.taus[k]
+                    x, numbers = greedy_step(module, head, x, y, tau, cfg.label_smoothing, opt,
+                                             ctx.micro_batch(0))
                     sched.step()
                     _accumulate_or_stop(stats[k], numbers, len(y), k, epoch, step)
+                    if multipliers is not None:
+                        multipliers[k].update(float(numbers["ce"]))
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
                 for m in (*modules, *heads):
@@ -509,6 +523,7 @@ def train_parallel(ctx: Context) -> list[dict]:
                 ctx.run.log("epoch", module=k, epoch=epoch,
                             lr=optimizers[k][1].get_last_lr()[0],
                             test_accuracy=accuracies[k], test_accuracy_half=halves[k],
+                            **({"tau": multipliers[k].tau} if multipliers else {}),
                             **stats[k].as_dict())
     if accuracies[0] is None:  # resumed after the last epoch: nothing was evaluated yet
         for m in (*modules, *heads):
