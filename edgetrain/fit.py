@@ -192,21 +192,25 @@ def accuracy_metrics(run: RunDir, final: float) -> dict:
     """The run's accuracy three ways, from its epoch log.
 
     ``last_epoch``: the stitched network after training, whole test set (the headline).
+    ``train_last_epoch``: that head's training accuracy over its last epoch (near 1: it fits
+    the training set, where a regulariser can help).
     ``mean_last_3_epochs``: the classifier head (the last module's, or the network's) over its
     last three evaluated epochs, whole test set: less noisy than one epoch.
     ``best_over_epochs_and_modules_half``: the largest accuracy any head reached after any
     epoch, on a fixed random half of the test set: the authors' metric (it selects on the test
     data, so it reads high; shown for comparison with the paper only).
     """
-    epochs = [e for e in run.read_metrics() if e["event"] == "epoch"
-              and isinstance(e.get("test_accuracy"), (int, float))]
+    epochs = [e for e in run.read_metrics() if e["event"] == "epoch"]
     last_module = max((e["module"] for e in epochs if e.get("module") is not None),
                       default=None)
-    final_head = [e["test_accuracy"] for e in epochs if e.get("module") == last_module]
+    final_head = [e["test_accuracy"] for e in epochs if e.get("module") == last_module
+                  and isinstance(e.get("test_accuracy"), (int, float))]
     halves = [e["test_accuracy_half"] for e in epochs
               if isinstance(e.get("test_accuracy_half"), (int, float))]
     tail = final_head[-3:]
+    train = [e.get("train_accuracy") for e in epochs if e.get("module") == last_module]
     return {"last_epoch": final,
+            "train_last_epoch": train[-1] if train else None,
             "mean_last_3_epochs": sum(tail) / len(tail) if tail else None,
             "best_over_epochs_and_modules_half": max(halves) if halves else None}
 

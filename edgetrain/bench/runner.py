@@ -249,6 +249,8 @@ def result_fields(report: dict) -> dict:
     """What a result line keeps from a run's report.json."""
     return {
         "test_accuracy": report["test_accuracy"],
+        "accuracy_metrics": report.get("accuracy_metrics"),
+        "train_accuracy": (report.get("accuracy_metrics") or {}).get("train_last_epoch"),
         "peak_memory_bytes": report["peak_memory_bytes"],
         "training_memory_bytes": training_memory_bytes(report),
         "framework_baseline_bytes": report.get("framework_baseline_bytes"),
