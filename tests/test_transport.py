@@ -284,3 +284,17 @@ def test_unknown_transport_form():
     module, _ = _build(torch.float32)[0]
     with pytest.raises(UserInputError, match="--transport-form"):
         set_transport_form(module, "fast")
+
+
+def test_onnx_export_traces_the_direct_form(monkeypatch):
+    """While torch.onnx.export traces, blocks compute mean(r^2) from r through the plain
+    BatchNorm module (the custom Function of the BatchNorm form has no ONNX equivalent)."""
+    module, _ = _build(torch.float32)[1]
+    calls = []
+    module.blocks[0].bn2.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(4, 4, 8, 8)
+    module(x)
+    assert calls == []  # training mode, BatchNorm form: statistics from native_batch_norm
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    _, transport = module(x)
+    assert calls == [1] and transport.grad_fn is not None
