@@ -79,6 +79,7 @@ def _batch_norm_with_stats(bn: _BatchNorm, z: torch.Tensor
     ``num_batches_tracked``) but calls ``torch.native_batch_norm``, which returns those
     statistics; output and running statistics are bitwise equal to ``bn(z)``'s on the CPU
     (tests/test_transport.py). On CUDA this runs torch's native BatchNorm kernel, not cuDNN's.
+    Forward hooks registered on ``bn`` do not run (``bn.forward`` is not called).
     """
     bn._check_input_dim(z)
     if z.numel() // z.shape[1] <= 1:
