@@ -1,7 +1,8 @@
 """Step time of vanilla greedy against TRGL with each form of the transport penalty, timed
 side by side in one process (issue 11).
 
-    python benchmarks/transport_forms.py --out benchmarks/results/transport-forms-resnet56-k4
+    python benchmarks/transport_forms.py --threads 1 --rounds 25
+    # -> benchmarks/results/transport-forms-resnet56-k4-threads1/results.json
 
 A shared machine's load drifts over minutes, so separate processes timed one after the other
 compare the load as much as the methods. Here every module of the network exists four times
@@ -47,7 +48,7 @@ METHODS = {"vanilla": (math.inf, "bn"), "trgl-bn": (1.0, "bn"), "trgl-direct": (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path,
-                        default=Path("benchmarks/results/transport-forms-resnet56-k4"))
+                        default=Path("benchmarks/results/transport-forms-resnet56-k4-threads1"))
     parser.add_argument("--model", default="resnet56")
     parser.add_argument("--modules", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=256)
