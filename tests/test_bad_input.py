@@ -505,7 +505,8 @@ def test_fuzz_profile(fuzz, capsys):
     base = ["profile", "--model", "resnet8", "--widths", "8,16,16", "--dataset",
             "fashion-mnist-mini", "--out", "profile"]
     for option in ["--model", "--widths", "--dataset", "--data-dir", "--batch-size", "--modules",
-                   "--split", "--steps", "--device", "--threads", "--only", "--out"]:
+                   "--split", "--steps", "--transport-form", "--device", "--threads", "--only",
+                   "--out"]:
         for value in MALFORMED + _random_values(rng, 2):
             fuzz(*base, option, value)
     fuzz.report("edgetrain profile", capsys)

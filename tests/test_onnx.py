@@ -157,7 +157,8 @@ def test_ort_loss_equals_torch_loss(tmp_path):
     """The exported training graph's forward gives torch's TRGL loss, cross-entropy (label
     smoothing included) and transport on the same weights and batch (rtol 1e-5), and ORT
     updates BatchNorm's running statistics like torch (the variance with the biased batch
-    variance)."""
+    variance). Torch computes the transport in the BatchNorm form (training mode), the graph in
+    the direct form (edgetrain/onnx/artifacts.py): the same numbers."""
     from onnxruntime.training.api import CheckpointState, Module
 
     from edgetrain.models.network import build_head, build_module
@@ -179,6 +180,7 @@ def test_ort_loss_equals_torch_loss(tmp_path):
     objective, loss, ce, transport, correct = session(x.numpy(), y.numpy())
 
     m, h = copy.deepcopy(module).train(), copy.deepcopy(head).train()
+    assert {b.transport_form for b in m.blocks} == {"bn"}
     with torch.no_grad():
         out, t_transport = m(x)
         logits = h(out)

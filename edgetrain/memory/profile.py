@@ -39,6 +39,9 @@ class ProfileSpec:
     split: str = "even"
     steps: int = 3
     tau: float = 1.0
+    transport_form: str = "bn"
+    """How TRGL's blocks compute mean(r^2): "bn" (from the last BatchNorm, no activation kept)
+    or "direct" (keeps each block's residue; edgetrain's only form before issue 11)."""
     device: str = "cpu"
     threads: int | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgetrain.models.energy import check_transport_form
 from edgetrain.models.heads import AuxHead
 from edgetrain.models.resnet import ResNetModule, ResNetSpec, init_weights
 from edgetrain.models.split import ModulePlan
@@ -47,6 +48,16 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
     for m in model.modules():
         if isinstance(m, ResNetModule):
             m.checkpointing = enabled
+
+
+def set_transport_form(model: nn.Module, form: str) -> None:
+    """How every block of ``model`` computes its kinetic energy: ``"bn"`` (from its last
+    BatchNorm where that uses batch statistics, the default) or ``"direct"`` (from r; keeps r
+    for backward). Same values and gradients up to rounding; see edgetrain/models/energy.py."""
+    check_transport_form(form)
+    for m in model.modules():
+        if hasattr(m, "transport_form"):
+            m.transport_form = form
 
 
 def build_network(spec: ResNetSpec, plans: list[ModulePlan], num_classes: int) -> StitchedNetwork:

@@ -1,10 +1,11 @@
 """CIFAR-style ResNets (He et al. 2016, section 4.2) built from basic blocks.
 
-Every block returns its residual-branch output ``r`` beside its output, because TRGL's transport
-regulariser penalises ``mean(r ** 2)`` (../METHOD.md: after the branch's last BatchNorm, before
-the skip addition and the final ReLU). The network is described as a flat list of
-:class:`BlockSpec` so a module made of any contiguous run of blocks can be built on its own,
-without ever instantiating the rest of the network.
+Every block returns its kinetic energy ``mean(r ** 2)`` beside its output, because TRGL's
+transport regulariser penalises it (../METHOD.md: r after the branch's last BatchNorm, before the
+skip addition and the final ReLU). The block computes it from that BatchNorm's parameters and
+batch statistics, keeping no activation for it (edgetrain/models/energy.py). The network is
+described as a flat list of :class:`BlockSpec` so a module made of any contiguous run of blocks
+can be built on its own, without ever instantiating the rest of the network.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.errors import UserInputError
+from edgetrain.models.energy import batchnorm_branch, check_transport_form
 from edgetrain.models.recompute import recompute_in_backward
 
 # depth = 6n + 2 for three stages of n basic blocks (stem conv + 2 convs per block + classifier).
@@ -110,13 +112,17 @@ class Stem(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a skip; returns ``(relu(shortcut(x) + r), r)``.
+    """Two 3x3 convs with a skip; ``forward(x, need_energy)`` returns
+    ``(relu(shortcut(x) + r), mean(r ** 2) or None)``.
 
     Downsampling blocks use a 1x1 conv + BN shortcut (option B of He et al.), penalised like the
-    others.
+    others. ``transport_form`` (edgetrain/models/energy.py): ``"bn"`` takes the energy from
+    ``bn2``'s scale, shift and batch statistics while ``bn2`` is in training mode (no activation
+    kept for it) and falls back to the direct form in eval mode; ``"direct"`` always computes
+    ``mean(r ** 2)`` from r (keeping r for backward).
     """
 
-    def __init__(self, spec: BlockSpec):
+    def __init__(self, spec: BlockSpec, transport_form: str = "bn"):
         super().__init__()
         self.conv1 = nn.Conv2d(spec.in_channels, spec.out_channels, 3, stride=spec.stride,
                                padding=1, bias=False)
@@ -129,20 +135,26 @@ class BasicBlock(nn.Module):
                 nn.Conv2d(spec.in_channels, spec.out_channels, 1, stride=spec.stride, bias=False),
                 nn.BatchNorm2d(spec.out_channels),
             )
+        self.transport_form = check_transport_form(transport_form)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(self.shortcut(x) + r), r
+    def forward(self, x: torch.Tensor, need_energy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = self.conv2(F.relu(self.bn1(self.conv1(x))))
+        r, energy = batchnorm_branch(self.bn2, z, need_energy, self.transport_form)
+        return F.relu(self.shortcut(x) + r), energy
 
 
 class ResNetModule(nn.Module):
     """A contiguous run of blocks (plus the stem if it is the first module).
 
     ``forward`` returns ``(output, transport)`` where ``transport`` is the sum over this module's
-    blocks of the per-element mean of the squared residue, i.e. the kinetic energy that TRGL
-    penalises. Computing ``mean(r ** 2)`` keeps ``r`` alive for backward: one extra activation
-    per block, the price of the regulariser. With ``need_transport=False`` (vanilla greedy,
-    inference, caching) nothing extra is kept.
+    blocks of their kinetic energy ``mean(r ** 2)``, what TRGL penalises. In training mode each
+    block takes it from its last BatchNorm's parameters and batch statistics, so the penalty
+    keeps no activation beyond what vanilla greedy keeps; in eval mode, or with
+    ``transport_form = "direct"`` on the blocks (:func:`edgetrain.models.network.
+    set_transport_form`), from r itself, keeping r for backward: one extra activation per
+    block. With ``need_transport=False`` (vanilla greedy, inference, caching) no energy is
+    computed and ``transport`` is 0.
     """
 
     def __init__(self, blocks: list[BlockSpec], stem: tuple[int, int] | None = None):
@@ -151,8 +163,9 @@ class ResNetModule(nn.Module):
         self.blocks = nn.ModuleList(BasicBlock(b) for b in blocks)
         self.out_channels = blocks[-1].out_channels
         self.checkpointing = False
-        """Activation checkpointing per block: keep only each block's input (and residue, if
-        penalised) for backward and recompute the rest; less memory, about one more forward."""
+        """Activation checkpointing per block: keep only each block's input for backward (the
+        energy leaves the block as a scalar, in either form) and recompute the rest; less
+        memory, about one more forward."""
 
     def forward(self, x: torch.Tensor, need_transport: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,12 +174,11 @@ class ResNetModule(nn.Module):
         transport = x.new_zeros(())
         for block in self.blocks:
             if self.checkpointing and torch.is_grad_enabled():
-                x, r = recompute_in_backward(block, x)
+                x, energy = recompute_in_backward(block, x, need_transport)
             else:
-                x, r = block(x)
-            if need_transport:
-                transport = transport + r.pow(2).mean()
-            del r  # drop our reference; autograd keeps r only if the penalty needs it
+                x, energy = block(x, need_transport)
+            if energy is not None:
+                transport = transport + energy
         return x, transport
 
 

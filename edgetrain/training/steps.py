@@ -67,8 +67,9 @@ def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Te
     up to BatchNorm, which normalises each micro-batch on its own.
 
     Peak memory of the step is at the end of each micro-batch's forward pass: the module's and
-    the head's saved activations (plus each block's residue, if the transport term is on) are
-    alive until ``backward`` frees them.
+    the head's saved activations are alive until ``backward`` frees them. The transport term
+    adds none in training mode (BatchNorm form, edgetrain/models/energy.py); only the direct
+    form keeps each block's residue.
     """
     # Flush last step's gradients before the forward pass: set_to_none frees their memory,
     # so it is not held while activations pile up.
