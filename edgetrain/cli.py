@@ -79,6 +79,15 @@ def fit(
     widths: Annotated[str, typer.Option(help="Channels per stage, comma separated.")] = "16,32,64",
     modules: Annotated[int, typer.Option("--modules", "-K", help="K: number of modules.")] = 4,
     split: Annotated[str, typer.Option(help="even | balanced (by activation memory).")] = "even",
+    shortcut: Annotated[
+        str, typer.Option(help="Downsampling shortcut: conv (1x1 conv + BN) | zero-pad "
+                          "(subsample + zero channels, the authors').")
+    ] = "conv",
+    init: Annotated[
+        str, typer.Option(help="default (Kaiming) | orthogonal (scaled by --init-gain, the "
+                          "authors').")
+    ] = "default",
+    init_gain: Annotated[float, typer.Option(help="Gain of --init orthogonal.")] = 0.1,
     method: Annotated[str, typer.Option(help="trgl | vanilla | e2e.")] = "trgl",
     mode: Annotated[str, typer.Option(help="sequential | parallel.")] = "sequential",
     epochs: Annotated[int, typer.Option(help="Epochs per module (sequential), or in all.")] = 5,
@@ -168,6 +177,9 @@ def fit(
             widths=_parsed(_widths, widths, FitConfig.widths, problems),
             modules=modules,
             split=split,
+            shortcut=shortcut,
+            init=init,
+            init_gain=init_gain,
             method=method,
             mode=mode,
             epochs=epochs,

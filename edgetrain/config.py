@@ -51,6 +51,13 @@ class FitConfig:
     """K, the number of modules the network is split into (1 <= K <= number of blocks)."""
     split: str = "even"
     """How blocks are shared among modules: even (same count) or balanced (same memory)."""
+    shortcut: str = "conv"
+    """Downsampling shortcut: conv (1x1 conv + BN) or zero-pad (subsample + zero channels,
+    parameter-free: the authors')."""
+    init: str = "default"
+    """Weight init: default (Kaiming convs) or orthogonal (scaled by init_gain: the authors')."""
+    init_gain: float = 0.1
+    """Gain of --init orthogonal (the authors use 0.1)."""
 
     method: str = "trgl"
     """trgl (transport-regularised greedy), vanilla (greedy, tau = inf) or e2e (baseline)."""
@@ -133,7 +140,17 @@ class FitConfig:
         if self.cache not in CACHE_MODES:
             problems.append(f"--cache {self.cache!r} is not known; choose one of "
                             f"{', '.join(CACHE_MODES)}.")
+        from edgetrain.models.resnet import INITS, SHORTCUTS
         from edgetrain.training.sgd import LR_SCHEDULES
+
+        if self.shortcut not in SHORTCUTS:
+            problems.append(f"--shortcut {self.shortcut!r} is not known; choose one of "
+                            f"{', '.join(SHORTCUTS)}.")
+        if self.init not in INITS:
+            problems.append(f"--init {self.init!r} is not known; choose one of "
+                            f"{', '.join(INITS)}.")
+        if not 0 < self.init_gain <= 10:
+            problems.append(f"--init-gain must be in (0, 10], e.g. 0.1 (got {self.init_gain}).")
         from edgetrain.training.transport import TAU_SCHEDULES
 
         if self.tau_schedule not in TAU_SCHEDULES:

@@ -93,7 +93,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int, progress
             f"on (dataset {config.dataset}, --data-dir {config.data_dir or 'default'}: its "
             "fingerprint differs). Point --data-dir at the run's own data, or start a new run "
             "in another --out.")
-    spec = resnet_spec(config.model, data.info.in_channels, config.widths)
+    spec = resnet_spec(config.model, data.info.in_channels, config.widths, config.shortcut)
     plans = split_network(spec, config.modules, data.info.image_size, config.split)
     if problem := size_problem(config, spec, data.info, device):
         raise UserInputError(problem)
@@ -119,6 +119,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int, progress
     ctx.run = run
     write_json_atomic(run.model_info_path, {
         "architecture": "cifar-resnet", "model": config.model, "widths": list(config.widths),
+        "shortcut": config.shortcut,
         "in_channels": data.info.in_channels, "num_classes": data.info.num_classes,
         "image_size": data.info.image_size, "mean": list(data.info.mean),
         "std": list(data.info.std), "dataset": data.info.name,

@@ -219,3 +219,46 @@ def test_checkpointing_does_not_import_dynamo():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "False"]
+
+
+def test_zero_pad_shortcut_is_option_a_and_parameter_free():
+    """--shortcut zero-pad: a downsampling block's skip keeps every other pixel and appends
+    zero channels; the network has no shortcut parameters, and the spec counts them right."""
+    from edgetrain.models.resnet import ZeroPadShortcut
+
+    spec = resnet_spec("resnet14", 1, (4, 8, 16), shortcut="zero-pad")
+    plans = split_network(spec, 1, 16)
+    module = build_module(spec, plans[0])
+    assert not any("shortcut" in n for n, _ in module.named_parameters())
+    assert sum(p.numel() for p in module.parameters()) == spec.parameter_count()
+    x = torch.randn(2, 4, 8, 8)
+    y = ZeroPadShortcut(4, 8, 2)(x)
+    assert y.shape == (2, 8, 4, 4)
+    assert torch.equal(y[:, :4], x[:, :, ::2, ::2]) and not y[:, 4:].any()
+    # The penalty's BatchNorm form equals the direct form on these blocks too.
+    torch.manual_seed(0)
+    module = build_module(spec, plans[0]).double().train()
+    inp = torch.randn(6, 1, 16, 16, dtype=torch.float64)
+    forms = []
+    for form in ("bn", "direct"):
+        set_transport_form(module, form)
+        module.zero_grad()
+        _, transport = module(inp)
+        transport.backward()
+        forms.append((transport.detach(), [p.grad.clone() for p in module.parameters()]))
+    assert torch.allclose(forms[0][0], forms[1][0], rtol=1e-10)
+    assert all(torch.allclose(a, b, rtol=1e-8, atol=1e-14) for a, b in zip(forms[0][1],
+                                                                            forms[1][1]))
+
+
+def test_orthogonal_init_scales_by_the_gain():
+    spec = resnet_spec("resnet8", 3)
+    plan = split_network(spec, 1, 32)[0]
+    module = build_module(spec, plan, init="orthogonal", gain=0.1)
+    head = build_head(plan, 10, init="orthogonal", gain=0.1)
+    w = module.blocks[1].conv2.weight.reshape(module.blocks[1].conv2.weight.shape[0], -1)
+    assert torch.allclose(w @ w.T, 0.01 * torch.eye(w.shape[0]), atol=1e-6)
+    fc = head.fc.weight
+    assert torch.allclose(fc @ fc.T, 0.01 * torch.eye(fc.shape[0]), atol=1e-6)
+    default = build_module(spec, plan)
+    assert default.blocks[1].conv2.weight.std() > 5 * module.blocks[1].conv2.weight.std()

@@ -11,17 +11,20 @@ from edgetrain.models.resnet import ResNetModule, ResNetSpec, init_weights
 from edgetrain.models.split import ModulePlan
 
 
-def build_module(spec: ResNetSpec, plan: ModulePlan) -> ResNetModule:
+def build_module(spec: ResNetSpec, plan: ModulePlan, init: str = "default",
+                 gain: float = 0.1) -> ResNetModule:
     """Only this module's blocks are instantiated: nothing else of the network is allocated."""
     stem = (spec.in_channels, spec.stem_channels) if plan.has_stem else None
-    module = ResNetModule(list(spec.blocks[plan.start:plan.stop]), stem=stem)
-    init_weights(module)
+    module = ResNetModule(list(spec.blocks[plan.start:plan.stop]), stem=stem,
+                          shortcut=spec.shortcut)
+    init_weights(module, init, gain)
     return module
 
 
-def build_head(plan: ModulePlan, num_classes: int) -> AuxHead:
+def build_head(plan: ModulePlan, num_classes: int, init: str = "default",
+               gain: float = 0.1) -> AuxHead:
     head = AuxHead(plan.out_channels, num_classes)
-    init_weights(head)
+    init_weights(head, init, gain)
     return head
 
 
@@ -60,6 +63,7 @@ def set_transport_form(model: nn.Module, form: str) -> None:
             m.transport_form = form
 
 
-def build_network(spec: ResNetSpec, plans: list[ModulePlan], num_classes: int) -> StitchedNetwork:
-    return StitchedNetwork([build_module(spec, p) for p in plans],
-                           build_head(plans[-1], num_classes))
+def build_network(spec: ResNetSpec, plans: list[ModulePlan], num_classes: int,
+                  init: str = "default", gain: float = 0.1) -> StitchedNetwork:
+    return StitchedNetwork([build_module(spec, p, init, gain) for p in plans],
+                           build_head(plans[-1], num_classes, init, gain))

@@ -48,6 +48,9 @@ class ResNetSpec:
     in_channels: int
     stem_channels: int
     blocks: tuple[BlockSpec, ...]
+    shortcut: str = "conv"
+    """Downsampling shortcut: ``conv`` (1x1 conv + BN, option B of He et al.) or ``zero-pad``
+    (subsample, then zero channels: option A, parameter-free, the authors' choice)."""
 
     @property
     def out_channels(self) -> int:
@@ -63,12 +66,16 @@ class ResNetSpec:
         for b in self.blocks:
             count += b.in_channels * b.out_channels * 9 + b.out_channels ** 2 * 9
             count += 4 * b.out_channels
-            if b.stride != 1 or b.in_channels != b.out_channels:
+            if self.shortcut == "conv" and (b.stride != 1 or b.in_channels != b.out_channels):
                 count += b.in_channels * b.out_channels + 2 * b.out_channels
         return count
 
 
-def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = None) -> ResNetSpec:
+SHORTCUTS = ("conv", "zero-pad")
+
+
+def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = None,
+                shortcut: str = "conv") -> ResNetSpec:
     """The block list of a CIFAR ResNet: ``resnet20`` has 3 stages of 3 blocks (9 blocks).
 
     >>> spec = resnet_spec("resnet20", in_channels=3)
@@ -95,8 +102,11 @@ def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = No
             stride = 2 if (stage > 0 and i == 0) else 1
             blocks.append(BlockSpec(channels, width, stride))
             channels = width
+    if shortcut not in SHORTCUTS:
+        raise UserInputError(f"--shortcut {shortcut!r} is not known; choose one of "
+                             f"{', '.join(SHORTCUTS)}.")
     return ResNetSpec(name=name, in_channels=in_channels, stem_channels=widths[0],
-                      blocks=tuple(blocks))
+                      blocks=tuple(blocks), shortcut=shortcut)
 
 
 class Stem(nn.Module):
@@ -111,18 +121,32 @@ class Stem(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
+class ZeroPadShortcut(nn.Module):
+    """Option A of He et al.: keep every ``stride``-th pixel, append zero channels. No
+    parameters, so a downsampling block's skip is as close to the identity as it can be."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.extra, self.stride = out_channels - in_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a skip; ``forward(x, need_energy)`` returns
     ``(relu(shortcut(x) + r), mean(r ** 2) or None)``.
 
-    Downsampling blocks use a 1x1 conv + BN shortcut (option B of He et al.), penalised like the
-    others. ``transport_form`` (edgetrain/models/energy.py): ``"bn"`` takes the energy from
+    Downsampling blocks use a 1x1 conv + BN shortcut (option B of He et al.) or, with
+    ``shortcut="zero-pad"``, a parameter-free one (option A); either way they are penalised
+    like the others. ``transport_form`` (edgetrain/models/energy.py): ``"bn"`` takes the energy from
     ``bn2``'s scale, shift and batch statistics while ``bn2`` is in training mode (no activation
     kept for it) and falls back to the direct form in eval mode; ``"direct"`` always computes
     ``mean(r ** 2)`` from r (keeping r for backward).
     """
 
-    def __init__(self, spec: BlockSpec, transport_form: str = "bn"):
+    def __init__(self, spec: BlockSpec, transport_form: str = "bn", shortcut: str = "conv"):
         super().__init__()
         self.conv1 = nn.Conv2d(spec.in_channels, spec.out_channels, 3, stride=spec.stride,
                                padding=1, bias=False)
@@ -130,7 +154,10 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(spec.out_channels, spec.out_channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(spec.out_channels)
         self.shortcut: nn.Module = nn.Identity()
-        if spec.stride != 1 or spec.in_channels != spec.out_channels:
+        if (spec.stride != 1 or spec.in_channels != spec.out_channels) and \
+                shortcut == "zero-pad" and spec.out_channels >= spec.in_channels:
+            self.shortcut = ZeroPadShortcut(spec.in_channels, spec.out_channels, spec.stride)
+        elif spec.stride != 1 or spec.in_channels != spec.out_channels:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(spec.in_channels, spec.out_channels, 1, stride=spec.stride, bias=False),
                 nn.BatchNorm2d(spec.out_channels),
@@ -157,10 +184,11 @@ class ResNetModule(nn.Module):
     computed and ``transport`` is 0.
     """
 
-    def __init__(self, blocks: list[BlockSpec], stem: tuple[int, int] | None = None):
+    def __init__(self, blocks: list[BlockSpec], stem: tuple[int, int] | None = None,
+                 shortcut: str = "conv"):
         super().__init__()
         self.stem = Stem(*stem) if stem is not None else None
-        self.blocks = nn.ModuleList(BasicBlock(b) for b in blocks)
+        self.blocks = nn.ModuleList(BasicBlock(b, shortcut=shortcut) for b in blocks)
         self.out_channels = blocks[-1].out_channels
         self.checkpointing = False
         """Activation checkpointing per block: keep only each block's input for backward (the
@@ -182,10 +210,23 @@ class ResNetModule(nn.Module):
         return x, transport
 
 
-def init_weights(module: nn.Module) -> None:
-    """Kaiming init for convs, unit BN, zero bias: the usual CIFAR ResNet start."""
+INITS = ("default", "orthogonal")
+
+
+def init_weights(module: nn.Module, scheme: str = "default", gain: float = 0.1) -> None:
+    """Initialise ``module``'s convs and linear layers; BatchNorm gets unit scale, zero shift.
+
+    ``default``: Kaiming (fan out) for convs, N(0, 0.01) for linear layers: the usual CIFAR
+    ResNet start. ``orthogonal``: orthogonal matrices scaled by ``gain`` for both (the authors'
+    code: gain 0.1), which starts every residual branch near zero, each block near the
+    identity.
+    """
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and scheme == "orthogonal":
+            nn.init.orthogonal_(m.weight, gain=gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             nn.init.ones_(m.weight)

@@ -21,6 +21,7 @@ from edgetrain.models.network import StitchedNetwork, build_head, build_module, 
 from edgetrain.models.resnet import (
     MAX_WIDTH,
     RESNET_DEPTHS,
+    SHORTCUTS,
     ResNetModule,
     ResNetSpec,
     resnet_spec,
@@ -46,6 +47,7 @@ class ModelInfo:
     std: tuple[float, ...]
     dataset: str
     modules: tuple[tuple[int, int], ...]
+    shortcut: str = "conv"
 
     @classmethod
     def read(cls, path: Path) -> ModelInfo:
@@ -59,7 +61,8 @@ class ModelInfo:
         image_size = f.int("image_size", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
         mean = tuple(f.floats("mean", length=in_channels))
         std = tuple(f.floats("std", low=1e-12, length=in_channels))
-        spec = resnet_spec(model, in_channels, widths)
+        shortcut = f.str("shortcut", choices=SHORTCUTS, optional=True) or "conv"
+        spec = resnet_spec(model, in_channels, widths, shortcut)
         modules = tuple(tuple(m) for m in f.list("modules"))
         expected_start = 0
         for m in modules:
@@ -74,10 +77,10 @@ class ModelInfo:
                               f"of {model} (found {list(modules)!r:.80}).")
         return cls(model=model, widths=widths, in_channels=in_channels,
                    num_classes=num_classes, image_size=image_size, mean=mean, std=std,
-                   dataset=f.str("dataset"), modules=modules)
+                   dataset=f.str("dataset"), modules=modules, shortcut=shortcut)
 
     def spec(self) -> ResNetSpec:
-        return resnet_spec(self.model, self.in_channels, self.widths)
+        return resnet_spec(self.model, self.in_channels, self.widths, self.shortcut)
 
     def plans(self) -> list[ModulePlan]:
         """The recorded split (whatever --split made it), not a recomputed one."""

@@ -322,8 +322,8 @@ def train_one_module(ctx: Context, k: int, plan: ModulePlan, frozen: list[nn.Mod
     start = time.perf_counter()
     torch.manual_seed(cfg.seed * 1000 + k)
     # Only module k and its head are built: nothing else of the network is allocated.
-    module = build_module(ctx.spec, plan).to(ctx.device)
-    head = build_head(plan, ctx.num_classes).to(ctx.device)
+    module = build_module(ctx.spec, plan, cfg.init, cfg.init_gain).to(ctx.device)
+    head = build_head(plan, ctx.num_classes, cfg.init, cfg.init_gain).to(ctx.device)
     if ctx.lap > 0:
         # A later lap continues from the module's weights of the lap before.
         saved, saved_head = load_module(ctx, k)
@@ -478,9 +478,9 @@ def train_parallel(ctx: Context) -> list[dict]:
     steps = cfg.epochs * _steps_per_epoch(ctx)
     for k, plan in enumerate(ctx.plans):
         torch.manual_seed(cfg.seed * 1000 + k)
-        modules.append(build_module(ctx.spec, plan).to(ctx.device))
+        modules.append(build_module(ctx.spec, plan, cfg.init, cfg.init_gain).to(ctx.device))
         set_checkpointing(modules[-1], ctx.checkpointing(0))
-        heads.append(build_head(plan, ctx.num_classes).to(ctx.device))
+        heads.append(build_head(plan, ctx.num_classes, cfg.init, cfg.init_gain).to(ctx.device))
         optimizers.append(make_optimizer([*modules[k].parameters(), *heads[k].parameters()],
                                          cfg.lr, cfg.momentum, cfg.weight_decay, steps,
                                          cfg.lr_schedule))
@@ -548,7 +548,8 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
     cfg = ctx.config
     ctx.meter.reset()
     torch.manual_seed(cfg.seed * 1000)
-    network = build_network(ctx.spec, ctx.plans, ctx.num_classes).to(ctx.device)
+    network = build_network(ctx.spec, ctx.plans, ctx.num_classes, cfg.init,
+                            cfg.init_gain).to(ctx.device)
     set_checkpointing(network, ctx.checkpointing(0))
     steps = cfg.epochs * _steps_per_epoch(ctx)
     opt, sched = make_optimizer(network.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
