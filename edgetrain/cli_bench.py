@@ -91,12 +91,19 @@ def bench_run(
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the runs and their flags; run nothing.")]
     = False,
+    jobs: Annotated[
+        int, typer.Option(help="Runs at a time, each its own process (give each --threads "
+                          "cores). Accuracy and memory stay each run's own; compare wall "
+                          "times only from --jobs 1.")
+    ] = 1,
 ) -> None:
     """Run a benchmark preset; write OUT/results.jsonl, OUT/results.md and the plot."""
     from edgetrain.bench import prepare_bench, run_bench
     from edgetrain.bench.report import write_report
 
     try:
+        if not 1 <= jobs <= 256:
+            raise UserInputError(f"--jobs must be between 1 and 256 (got {jobs}).")
         bench = prepare_bench(preset, device_profile, only)
         out = out or Path("runs") / f"bench-{bench.preset.name}"
         # Before the first run: a bad --out would otherwise only fail when results are written.
@@ -116,7 +123,7 @@ def bench_run(
                  f"{' '.join(run.args)} --out {out / 'runs' / run.run_id}")
         return
     try:
-        run_bench(bench, out, log=_say)
+        run_bench(bench, out, log=_say, jobs=jobs)
     except KeyboardInterrupt:
         if (out / "results.jsonl").exists():
             write_report(out)

@@ -346,3 +346,46 @@ def test_smoke_preset_end_to_end_and_resume(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert result.output.count("done before, skipped") == 5
     assert (out / "results.jsonl").read_text() == before
+
+
+def test_grid_vary_and_tag_expand_and_label_runs(tmp_path):
+    """`vary` multiplies a block's runs; tau varies TRGL only (vanilla ignores it); `tag` and
+    the varied values are in the labels, so --only can pick them."""
+    from edgetrain.bench.grid import expand, parse_preset
+
+    preset = parse_preset({
+        "name": "x", "description": "d", "estimate": "e", "fit": {"epochs": 1},
+        "grid": [{"tag": "authors", "methods": ["e2e", "vanilla", "trgl"], "modules": [2],
+                  "modes": ["parallel"], "vary": {"seed": [0, 1], "tau": [0.5, 2.0]}}]},
+        tmp_path / "x.toml")
+    runs = expand(preset)
+    labels = [r.label for r in runs]
+    assert labels == [
+        "fashion-mnist-mini-authors-e2e-seed0", "fashion-mnist-mini-authors-e2e-seed1",
+        "fashion-mnist-mini-authors-vanilla-K2-par-seed0",
+        "fashion-mnist-mini-authors-vanilla-K2-par-seed1",
+        "fashion-mnist-mini-authors-trgl-K2-par-seed0-tau0.5",
+        "fashion-mnist-mini-authors-trgl-K2-par-seed0-tau2.0",
+        "fashion-mnist-mini-authors-trgl-K2-par-seed1-tau0.5",
+        "fashion-mnist-mini-authors-trgl-K2-par-seed1-tau2.0"]
+    assert all("tau" not in r.fit for r in runs if r.method != "trgl")
+    with pytest.raises(UserInputError, match="vary: tau must be a non-empty list"):
+        parse_preset({"name": "x", "description": "d", "estimate": "e",
+                      "grid": [{"methods": ["trgl"], "vary": {"tau": 3}}]}, tmp_path / "x.toml")
+
+
+def test_fidelity_pairs_trgl_with_vanilla_by_seed():
+    from edgetrain.bench.fidelity import paired_gaps
+
+    def line(method, seed, acc, tau=None):
+        config = {"seed": seed, "method": method, "modules": 4, **({"tau": tau} if tau else {})}
+        return {"method": method, "config": config, "test_accuracy": acc,
+                "train_accuracy": 0.99}
+
+    results = [line("vanilla", 0, 0.80), line("vanilla", 1, 0.82), line("vanilla", 2, 0.81),
+               line("trgl", 0, 0.83, 1.0), line("trgl", 1, 0.84, 1.0), line("trgl", 2, 0.83, 1.0),
+               line("trgl", 0, 0.79, 9.0), line("trgl", 1, 0.83, 9.0)]
+    gaps = {g.cell["tau"]: g for g in paired_gaps(results)}
+    assert gaps[1.0].differences == pytest.approx((3.0, 2.0, 2.0))
+    assert gaps[1.0].beyond_spread is True
+    assert gaps[9.0].seeds == (0, 1) and gaps[9.0].beyond_spread is False

@@ -20,6 +20,7 @@ A preset is a TOML file (``benchmarks/presets/NAME.toml``)::
     caches = ["disk"]          # only for sequential mode; parallel mode caches nothing
     fit = { batch_size = 64 }  # optional: fields for this block only (wins over the above)
     vary = { seed = [0, 1, 2], tau = [0.5, 2.0] }   # optional: a product over these fields
+    tag = "authors"            # optional: a word in the block's run labels (for --only)
 
 ``vary`` multiplies the block's runs by every combination of the listed FitConfig values
 (seeds, tau, data sizes, ...). The penalty's fields (``tau``, ``tau_schedule``) vary TRGL runs
@@ -58,7 +59,7 @@ GREEDY = ("vanilla", "trgl")
 _GRID_FIELDS = {"method", "modules", "mode", "cache", "activation_checkpointing"}
 _BENCH_FIELDS = {"out", "overwrite", "extra", "eval_every_epoch", "memory_budget_text"}
 _PRESET_KEYS = {"name", "description", "estimate", "fit", "method_fit", "grid"}
-_BLOCK_KEYS = {"methods", "modules", "modes", "caches", "fit", "vary"}
+_BLOCK_KEYS = {"methods", "modules", "modes", "caches", "fit", "vary", "tag"}
 _PENALTY_FIELDS = ("tau", "tau_schedule")
 """Fields that only TRGL's runs vary over (see expand)."""
 
@@ -73,6 +74,8 @@ class GridBlock:
     """FitConfig fields for this block's runs only."""
     vary: dict = dataclasses.field(default_factory=dict)
     """FitConfig field -> the values the block's runs take, in every combination."""
+    tag: str | None = None
+    """A word in the block's run labels, so that --only can select the block."""
 
 
 @dataclass(frozen=True)
@@ -105,10 +108,13 @@ class RunSpec:
     """FitConfig fields the run sets (everything else keeps FitConfig's default)."""
     varied: tuple[str, ...] = ()
     """The fields its grid block varies: named in the label."""
+    tag: str | None = None
+    """Its grid block's tag: in the label."""
 
     @property
     def label(self) -> str:
-        parts = [self.fit.get("dataset", FitConfig.dataset), self.method]
+        parts = [self.fit.get("dataset", FitConfig.dataset), *([self.tag] if self.tag else []),
+                 self.method]
         if self.modules is not None:
             parts += [f"K{self.modules}", {"sequential": "seq", "parallel": "par"}[self.mode]]
         if self.cache is not None:
@@ -207,7 +213,11 @@ def _parse_block(block: dict, index: int, problems: list[str]) -> GridBlock:
             continue
         checked = [_check_fit({key: v}, f"{where} vary", problems).get(key) for v in options]
         vary[key] = [v for v in checked if v is not None]
-    return GridBlock(methods, modules, modes, caches, fit, vary)
+    tag = block.get("tag")
+    if tag is not None and (not isinstance(tag, str) or not tag.replace("_", "").isalnum()):
+        problems.append(f"{where}: 'tag' must be one word of letters and digits.")
+        tag = None
+    return GridBlock(methods, modules, modes, caches, fit, vary, tag)
 
 
 def _check_fit(table: dict, where: str, problems: list[str]) -> dict:
@@ -285,7 +295,7 @@ def expand(preset: Preset) -> list[RunSpec]:
                     else:
                         # One module: the whole network, without a split to report.
                         fit["modules"] = 1
-                    run = RunSpec(method, k, mode, cache, fit, tuple(vary))
+                    run = RunSpec(method, k, mode, cache, fit, tuple(vary), block.tag)
                     key = json.dumps(fit, sort_keys=True)
                     if key not in seen:
                         seen.add(key)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +41,7 @@ from edgetrain.devices import DeviceProfile, apply_profile, is_simulated, load_p
 from edgetrain.errors import UserInputError
 from edgetrain.machine import MachineInfo, detect_machine
 from edgetrain.records import Fields, RecordError, read_jsonl
+from edgetrain.runs.lock import RunLock
 from edgetrain.runs.ownership import RUN_KIND, read_marker
 from edgetrain.runs.rundir import RunDir
 
@@ -145,7 +147,8 @@ def prepare_bench(preset: str, device_profile: str | None = None,
     return Bench(loaded, profile, machine, simulated, runs)
 
 
-def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print) -> list[dict]:
+def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print,
+              jobs: int = 1) -> list[dict]:
     """Run what is not finished yet; return the lines appended to OUT/results.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
     results = out / RESULTS
@@ -156,25 +159,36 @@ def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print) -> li
         "simulated": bench.simulated if bench.profile else None,
         "machine": bench.machine.to_dict(),
     }
-    written = []
+    todo = []
     for i, run in enumerate(bench.runs, 1):
         tag = f"[{i}/{len(bench.runs)}] {run.spec.label}"
         if run.run_id in done:
             log(f"{tag}: done before, skipped")
-            continue
-        log(f"{tag}: running")
-        line = {**context, **run_one(run, out / RUNS / run.run_id)}
-        _append_line(results, line)
-        written.append(line)
-        if "test_accuracy" in line:
-            log(f"{tag}: {line['status']}, test accuracy {line['test_accuracy']:.2%}, training "
-                f"memory {line['training_memory_bytes'] / 2**20:.0f} MiB, "
-                f"{line['wall_time_s']:.0f} s")
-        elif line["status"] == "does_not_fit":
-            log(f"{tag}: does not fit the memory budget (see results.md)")
         else:
-            last = line["stderr_tail"].strip().splitlines()[-1:] or ["(no output)"]
-            log(f"{tag}: FAILED (exit code {line['returncode']}): {last[0]}")
+            todo.append((tag, run))
+    written = []
+    # One writer appends to results.jsonl (this thread); the runs themselves are processes, so
+    # threads only wait on them. With jobs > 1 the runs share the machine: accuracy and memory
+    # peaks stay each run's own, wall times do not (compare times only from --jobs 1).
+    with RunLock(out, "--out"), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {}
+        for tag, run in todo:
+            log(f"{tag}: running")
+            futures[pool.submit(run_one, run, out / RUNS / run.run_id)] = tag
+        for future in as_completed(futures):
+            tag = futures[future]
+            line = {**context, **future.result()}
+            _append_line(results, line)
+            written.append(line)
+            if "test_accuracy" in line:
+                log(f"{tag}: {line['status']}, test accuracy {line['test_accuracy']:.2%}, "
+                    f"training memory {line['training_memory_bytes'] / 2**20:.0f} MiB, "
+                    f"{line['wall_time_s']:.0f} s")
+            elif line["status"] == "does_not_fit":
+                log(f"{tag}: does not fit the memory budget (see results.md)")
+            else:
+                last = line["stderr_tail"].strip().splitlines()[-1:] or ["(no output)"]
+                log(f"{tag}: FAILED (exit code {line['returncode']}): {last[0]}")
     return written
 
 
