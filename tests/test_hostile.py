@@ -392,3 +392,38 @@ def test_overwrite_keeps_a_user_file_named_with_other_digits(finished):
     theirs.write_text("the user's")
     fit(finished, "--overwrite")
     assert theirs.read_text() == "the user's"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run: without write access, and without trusting model.json's sizes
+# ---------------------------------------------------------------------------------------------
+
+@needs_namespaces
+def test_a_run_on_read_only_storage_can_still_be_exported(tmp_path, reference):
+    script = (f'cp -r "{reference}" "$DISK/run" && mount -o remount,ro "$DISK" && '
+              f'$PY -m edgetrain export "$DISK/run" --out "{tmp_path}/model.onnx" '
+              '>/dev/null 2>"$DISK/../err"; echo "export=$?"')
+    printed = _in_small_disk(tmp_path, "4m", script)
+    assert "export=0" in printed, (tmp_path / "err").read_text()
+    assert (tmp_path / "model.onnx").is_file()
+
+
+def test_model_json_sizes_are_checked_before_anything_is_built(tmp_path, finished):
+    """model.json edited to a ResNet-110 at 4096 channels (65 GB of weights): refused from the
+    weights' header, before a byte is allocated (the child may not use more than 4 GB)."""
+    import resource
+
+    info = json.loads((finished / "model.json").read_text())
+    info.update(model="resnet110", widths=[4096, 4096, 4096], modules=[[0, 27], [27, 54]])
+    (finished / "model.json").write_text(json.dumps(info))
+
+    def small() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+    for args in (["export", str(finished), "--out", str(tmp_path / "m.onnx")],
+                 ["export-artifacts", str(finished), "--out", str(tmp_path / "art")]):
+        proc = subprocess.run([sys.executable, "-m", "edgetrain", *args], capture_output=True,
+                              text=True, timeout=300, preexec_fn=small)
+        if args[0] == "export-artifacts" and "onnxruntime-training" in proc.stderr:
+            continue
+        _clean_error(proc, 2, "does not hold the network", "model.json")

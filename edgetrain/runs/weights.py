@@ -77,6 +77,23 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise WeightsCorruptError(f"{shown(path)} cannot be read ({e})") from None
 
 
+def shapes_problem(path: Path, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the tensors in ``path`` are not exactly ``expected`` (name: shape), or None. Only
+    the file's header is read: this is checked before a network of that size is built, so a
+    description that lies about the sizes cannot make edgetrain allocate without bound."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        return f"{shown(path)} cannot be read ({e})"
+    wrong = sorted(k for k in expected.keys() | got.keys() if got.get(k) != expected.get(k))
+    if wrong:
+        return (f"{shown(path)} does not hold the network its run describes ({wrong[0]}: "
+                f"{got.get(wrong[0], 'missing')} in the file, {expected.get(wrong[0], 'none')} "
+                "expected)")
+    return None
+
+
 def load_weights(path: Path, device: str | torch.device = "cpu",
                  require_checksum: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of ``path``, checked against the checksum in its metadata.
@@ -112,7 +129,7 @@ def weights_problem(path: Path, run_id: str | None = None,
     if path.is_symlink() or not path.is_file():
         return f"{shown(path)} is missing"
     try:
-        tensors = load_weights(path, require_checksum=True)
+        load_weights(path, require_checksum=True)
         found = read_metadata(path).get(RUN_ID_KEY)
     except WeightsCorruptError as e:
         return str(e)
@@ -120,10 +137,5 @@ def weights_problem(path: Path, run_id: str | None = None,
         return (f"{shown(path)} was written by another run (run id {found or 'none'}; this "
                 f"run's is {run_id})")
     if shapes is not None:
-        got = {k: tuple(v.shape) for k, v in tensors.items()}
-        wrong = sorted(k for k in shapes.keys() | got.keys() if got.get(k) != shapes.get(k))
-        if wrong:
-            return (f"{shown(path)} does not hold the network of this run's config.json "
-                    f"({wrong[0]}: {got.get(wrong[0], 'missing')} in the file, "
-                    f"{shapes.get(wrong[0], 'none')} expected)")
+        return shapes_problem(path, shapes)
     return None
