@@ -427,3 +427,36 @@ def test_model_json_sizes_are_checked_before_anything_is_built(tmp_path, finishe
         if args[0] == "export-artifacts" and "onnxruntime-training" in proc.stderr:
             continue
         _clean_error(proc, 2, "does not hold the network", "model.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# A log line a crash cut short is skipped once, and must not damage the log for good
+# ---------------------------------------------------------------------------------------------
+
+def _cut_last_line(path: Path, keep_of_it: int = 12) -> None:
+    data = path.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    path.write_bytes(data[:start + keep_of_it])  # power lost while the last line was written
+
+
+def test_a_torn_log_line_does_not_stop_the_next_resumptions(finished, reference):
+    _cut_last_line(finished / "metrics.jsonl")
+    for _ in range(2):
+        (finished / "report.json").unlink()
+        fit(finished, "--resume")
+        lines = (finished / "metrics.jsonl").read_text().splitlines()
+        assert all(json.loads(line) for line in lines)  # every line whole again
+    assert same_weights(finished, reference)
+
+
+def test_a_torn_bench_result_does_not_stop_the_next_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=_fake_fit))
+    bench = tmp_path / "bench"
+    args = ["bench", "run", "--preset", "smoke", "--only", "e2e", "--out", str(bench)]
+    assert invoke(*args).exit_code == 0
+    _cut_last_line(bench / "results.jsonl")  # its only line: the run counts as not done
+    for _ in range(2):
+        result = invoke(*args)
+        assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    lines = [json.loads(x) for x in (bench / "results.jsonl").read_text().splitlines()]
+    assert [x["status"] for x in lines] == ["ok"]  # rerun once, then skipped

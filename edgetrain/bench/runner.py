@@ -40,6 +40,7 @@ from edgetrain.devices import DeviceProfile, apply_profile, is_simulated, load_p
 from edgetrain.errors import UserInputError
 from edgetrain.machine import MachineInfo, detect_machine
 from edgetrain.records import Fields, RecordError, read_jsonl
+from edgetrain.runs.files import append_line
 from edgetrain.runs.ownership import (
     BENCH_KIND,
     BENCH_LAYOUT,
@@ -318,8 +319,5 @@ def training_memory_bytes(report: dict) -> int:
 
 def _append_line(path: Path, line: dict) -> None:
     # One write of one line, flushed: a bench killed mid-grid loses at most this line, and
-    # read_results skips a partial one.
-    with open(path, "a") as f:
-        f.write(json.dumps(line, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    # read_results skips a partial one (append_line cuts it off before the next line).
+    append_line(path, json.dumps(line, sort_keys=True), sync=True)

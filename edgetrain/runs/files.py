@@ -42,5 +42,27 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def append_line(path: Path, line: str, sync: bool = False) -> None:
+    """Append ``line`` (one JSON object, no newline) and a newline to a JSON-lines log.
+
+    A crash can leave the log's last line cut short; readers skip that line
+    (records.read_jsonl), but a record appended to it would join it and make a damaged line in
+    the middle of the log. So an unterminated tail, a fragment no reader uses, is cut off first.
+    O_NOFOLLOW: a link planted in place of the log must not make edgetrain write elsewhere.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                 FILE_MODE)
+    with os.fdopen(fd, "r+b") as f:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            start = max(0, size - (1 << 20))
+            tail = os.pread(fd, size - start, start)
+            os.ftruncate(fd, start + tail.rfind(b"\n") + 1 if b"\n" in tail else start)
+        f.write(line.encode() + b"\n")
+        f.flush()
+        if sync:
+            os.fsync(fd)
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

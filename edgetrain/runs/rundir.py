@@ -31,7 +31,12 @@ from pathlib import Path
 from edgetrain.errors import UserInputError
 from edgetrain.paths import shown
 from edgetrain.records import Fields, RecordError, read_json_object, read_jsonl
-from edgetrain.runs.files import is_out_of_space, write_json_atomic, write_text_atomic
+from edgetrain.runs.files import (
+    append_line,
+    is_out_of_space,
+    write_json_atomic,
+    write_text_atomic,
+)
 from edgetrain.runs.lock import LOCK_FILE, RunLock
 from edgetrain.runs.ownership import (
     RUN_KIND,
@@ -113,12 +118,7 @@ class RunDir:
     def log(self, event: str, **fields) -> None:
         """Append one line to the metrics log (a crash loses at most the line being written)."""
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        # O_NOFOLLOW: a link planted in place of the log must not make edgetrain append
-        # elsewhere.
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                     | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        append_line(self.metrics_path, json.dumps(record, sort_keys=True))
 
     def read_metrics(self) -> list[dict]:
         """The log's records (each with a string ``event``); a last line cut short by a kill is
