@@ -460,3 +460,38 @@ def test_a_torn_bench_result_does_not_stop_the_next_runs(tmp_path, monkeypatch):
         assert result.exit_code == 0 and "Traceback" not in result.output, result.output
     lines = [json.loads(x) for x in (bench / "results.jsonl").read_text().splitlines()]
     assert [x["status"] for x in lines] == ["ok"]  # rerun once, then skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard links: edgetrain writes in place only to its lock file and its logs
+# ---------------------------------------------------------------------------------------------
+
+def test_a_lock_file_that_is_a_users_file_is_never_truncated(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's")
+    linked, named = tmp_path / "linked", tmp_path / "named"
+    linked.mkdir()
+    os.link(precious, linked / ".edgetrain.lock")  # a hard link to the user's file
+    named.mkdir()
+    (named / ".edgetrain.lock").write_text("my notes")
+    for out in (linked, named):
+        refused(invoke("fit", *TINY, "--out", str(out)), 2, ".edgetrain.lock",
+                "not edgetrain's lock file")
+    assert precious.read_text() == "the user's"
+    assert (named / ".edgetrain.lock").read_text() == "my notes"
+
+
+def test_resuming_a_hard_linked_copy_leaves_the_original_as_it_was(tmp_path, finished):
+    (finished / "report.json").unlink()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in finished.rglob("*"):  # cp -al: every file a second name of the same data
+        target = copy / path.relative_to(finished)
+        target.mkdir() if path.is_dir() else os.link(path, target)
+    before = snapshot(finished)
+    fit(copy, "--resume")
+    assert any(e["event"] == "done" for e in events(copy))
+    after = snapshot(finished)
+    after.pop(".edgetrain.lock")  # the pid in the shared lock file is the only change
+    before.pop(".edgetrain.lock")
+    assert after == before

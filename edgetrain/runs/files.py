@@ -28,11 +28,15 @@ def is_out_of_space(error: BaseException) -> bool:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fchmod(f.fileno(), FILE_MODE)
             os.fsync(f.fileno())
@@ -48,10 +52,18 @@ def append_line(path: Path, line: str, sync: bool = False) -> None:
     A crash can leave the log's last line cut short; readers skip that line
     (records.read_jsonl), but a record appended to it would join it and make a damaged line in
     the middle of the log. So an unterminated tail, a fragment no reader uses, is cut off first.
-    O_NOFOLLOW: a link planted in place of the log must not make edgetrain write elsewhere.
+    O_NOFOLLOW: a link planted in place of the log must not make edgetrain write elsewhere;
+    and a log with other names (a copy made with hard links, ``cp -al``, ``rsync
+    --link-dest``) is first copied to a file of its own, so that appending to this run's log
+    never writes into the other copy's.
     """
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
-                 FILE_MODE)
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, FILE_MODE)
+    if os.fstat(fd).st_nlink > 1:
+        with os.fdopen(fd, "rb") as shared:
+            data = shared.read()
+        write_bytes_atomic(path, data)
+        fd = os.open(path, flags, FILE_MODE)
     with os.fdopen(fd, "r+b") as f:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":

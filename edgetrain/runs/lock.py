@@ -73,6 +73,12 @@ class RunLock:
                     else "Choose a folder you can write to.")
             raise UserInputError(f"{self.flag} {shown(self.folder)}: cannot open its lock file "
                                  f"{LOCK_FILE} ({e.strerror}). {what}") from None
+        if not self.shared and (problem := _not_a_lock_file(fd)):
+            os.close(fd)
+            raise UserInputError(f"{self.flag} {shown(self.folder)}: its {LOCK_FILE} {problem}, "
+                                 "so it is not edgetrain's lock file, and edgetrain would write "
+                                 "over it. Move it away, or choose another "
+                                 f"{self.flag}.")
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -104,6 +110,17 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _not_a_lock_file(fd: int) -> str | None:
+    """Why the open file ``fd`` is not a lock file edgetrain made (empty, or a pid), or None:
+    the holder writes its pid into it, which must never truncate a file of the user's (one
+    of that name, or a hard link to one). A hard link to a real lock file (a backup made
+    with ``cp -al``) holds a pid and is fine."""
+    text = os.pread(fd, 33, 0).strip()
+    if len(text) > 32 or (text and not text.isdigit()):
+        return "holds something else than a process id"
+    return None
 
 
 def _read_pid(fd: int) -> int | None:
