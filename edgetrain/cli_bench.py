@@ -100,6 +100,7 @@ def bench_run(
     """Run a benchmark preset; write OUT/results.jsonl, OUT/results.md and the plot."""
     from edgetrain.bench import prepare_bench, run_bench
     from edgetrain.bench.report import write_report
+    from edgetrain.bench.runner import bench_folder_problem
 
     try:
         if not 1 <= jobs <= 256:
@@ -107,7 +108,8 @@ def bench_run(
         bench = prepare_bench(preset, device_profile, only)
         out = out or Path("runs") / f"bench-{bench.preset.name}"
         # Before the first run: a bad --out would otherwise only fail when results are written.
-        if not dry_run and (problem := folder_problem("--out", out)):
+        if not dry_run and (problem := folder_problem("--out", out)
+                            or bench_folder_problem(out)):
             raise UserInputError(problem)
     except UserInputError as e:
         _fail(str(e), code=2)
@@ -124,11 +126,13 @@ def bench_run(
         return
     try:
         run_bench(bench, out, log=_say, jobs=jobs)
+        report = write_report(out)
     except KeyboardInterrupt:
         if (out / "results.jsonl").exists():
             write_report(out)
         _fail(f"Interrupted. Finished runs are in {out}; rerun the same command to resume.", 130)
-    report = write_report(out)
+    except UserInputError as e:
+        _fail(str(e), code=2)
     _show(report)
     if report.failed:
         _fail(f"{report.failed} run(s) failed; their errors are at the end of {report.table}. "

@@ -58,7 +58,7 @@ def profile(
         if not out_of_space(e, str(out)):
             raise
     print_profile(data)
-    console.print(f"written: {out / 'profile.json'}, {out / 'profile.png'}")
+    console.print(f"written: {out / 'profile.json'}, {out / 'profile.png'}", markup=False)
 
 
 def _check(model: str, widths: str, dataset: str, data_dir: Path | None, batch_size: int,
@@ -95,6 +95,10 @@ def _check(model: str, widths: str, dataset: str, data_dir: Path | None, batch_s
                   out=out).validate()
     except UserInputError as e:
         problems += e.problems
+    from edgetrain.memory.profile import profile_folder_problem
+
+    if not problems and (problem := profile_folder_problem(out)):
+        problems.append(problem)
     if problems:
         raise UserInputError(problems)
     from edgetrain.fit import resolve_device

@@ -22,7 +22,7 @@ from edgetrain.records import Fields, RecordError, read_json_object
 from edgetrain.runs.files import write_json_atomic
 from edgetrain.runs.progress import ProgressBars
 from edgetrain.runs.rundir import RunDir, check_new_run, claim_new_run, open_for_resume
-from edgetrain.runs.weights import save_weights, weights_problem
+from edgetrain.runs.weights import RUN_ID_KEY, save_weights, weights_problem
 from edgetrain.training import scheduler
 from edgetrain.units import format_bytes
 
@@ -69,6 +69,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int, progress
     resolved = {"threads": torch.get_num_threads() if device.type == "cpu" else None,
                 "device": device.type}
     stored: FitConfig | None = None
+    run = RunDir(config.out)  # with the run id once claimed (new) or opened (--resume)
     if config.resume:
         # Locked before anything of the run is read: nobody else writes it from here on.
         run, lock, marker = open_for_resume(config.out)
@@ -99,7 +100,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int, progress
         raise UserInputError(problem)
     meter = MemoryMeter(device)
     ctx = scheduler.Context(config, data, spec, plans, scheduler.tau_for(config), device,
-                            RunDir(config.out), meter, ProgressBars(progress))
+                            run, meter, ProgressBars(progress))
     if stored is not None:
         report = _finished_report(ctx)
         if report is not None:
@@ -140,7 +141,8 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int, progress
                 **{k: getattr(e, k) for k in ("module", "epoch", "step") if hasattr(e, k)})
         raise
     wall = time.perf_counter() - start
-    save_weights(run.model_path, network.state_dict(), {"format": "edgetrain-stitched-v1"})
+    save_weights(run.model_path, network.state_dict(),
+                 {"format": "edgetrain-stitched-v1", RUN_ID_KEY: run.run_id})
 
     cache_peaks = [m["cache_peak_memory_bytes"] for m in modules
                    if m.get("cache_peak_memory_bytes") is not None]
@@ -286,13 +288,18 @@ def _finished_report(ctx: scheduler.Context) -> dict | None:
         return None
     from edgetrain.runs.model import ModelInfo
 
-    problems = [p for p in [weights_problem(run.model_path)] if p]
+    problems = [p for p in [weights_problem(run.model_path, run.run_id, ctx.network_shapes())]
+                if p]
     if ctx.config.method != "e2e":
         problems += [p for k in range(len(ctx.plans))
-                     if (p := weights_problem(run.module_path(k)))]
+                     if (p := weights_problem(run.module_path(k), run.run_id,
+                                              ctx.module_shapes(k)))]
     try:
         ModelInfo.read(run.model_info_path)
-        report = run.read_report()
+        report = run.read_report(complete=True)
+        if report.get("run_id") != run.run_id:
+            problems.append(f"{run.report_path} is the report of another run (run id "
+                            f"{report.get('run_id')}; this run's is {run.run_id})")
     except RecordError as e:
         problems.append(str(e))
     if not problems:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,29 @@ class RecordError(UserInputError):
     """A file edgetrain wrote is damaged, edited or from an incompatible version."""
 
 
+def read_text(path: Path) -> str:
+    """The text of the regular file ``path``. Anything else under its name (a FIFO would block
+    the read forever, a device could be endless, a folder is no record) is refused with
+    RecordError before a byte is read; FileNotFoundError if there is nothing there."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecordError(f"{shown(path)} is not a regular file, so it is not a record "
+                              "edgetrain wrote. Move it away.")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            data = f.read()
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return data.decode()
+
+
 def read_json_object(path: Path, what: str = "") -> dict:
     """The JSON object in ``path``; RecordError if it is missing, unreadable or not an object."""
     try:
-        text = path.read_text()
+        text = read_text(path)
     except FileNotFoundError:
         raise RecordError(f"{shown(path)} is missing{what}.") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -53,7 +74,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     Any other line that is not a JSON object means the file was damaged or edited: RecordError.
     """
     try:
-        lines = path.read_text().splitlines()
+        lines = read_text(path).splitlines()
     except FileNotFoundError:
         return
     except (OSError, UnicodeDecodeError) as e:
@@ -126,8 +147,8 @@ class Fields:
         if value is None and optional:
             return None
         what = "a number" + _range(low, high)
-        if allow_inf and value == "inf":
-            return math.inf
+        if allow_inf and (value == "inf" or (isinstance(value, float) and value == math.inf)):
+            return math.inf  # "inf" as edgetrain writes it in config.json, Infinity as json does
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self._fail(name, what, value)
         value = float(value)

@@ -23,7 +23,14 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from edgetrain.cli import app
-from edgetrain.runs.weights import CHECKSUM_KEY, load_weights, save_weights, tensors_checksum
+from edgetrain.runs.weights import (
+    CHECKSUM_KEY,
+    RUN_ID_KEY,
+    load_weights,
+    read_metadata,
+    save_weights,
+    tensors_checksum,
+)
 
 TINY = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "2", "--epochs", "1",
         "--train-limit", "200", "--test-limit", "100", "--batch-size", "50", "--lr", "0.1",
@@ -378,8 +385,10 @@ def test_a_damaged_or_inconsistent_checkpoint_is_discarded(tmp_path, reference):
     if not ckpt.exists():
         pytest.skip("the kill landed after module 1 finished")
     tensors = load_weights(ckpt)
+    run_id = read_metadata(ckpt)[RUN_ID_KEY]  # this run's checkpoint, its metadata edited
     save_file(tensors, str(ckpt), metadata={"epoch": "99", "schedule_steps": "{}",
-                                            CHECKSUM_KEY: tensors_checksum(tensors)})
+                                            CHECKSUM_KEY: tensors_checksum(tensors),
+                                            RUN_ID_KEY: run_id})
     fit(out2, "--resume", *args)
     assert any(e["event"] == "checkpoint_discarded" and "outside" in e["reason"]
                for e in events(out2))
@@ -540,8 +549,9 @@ def _image_tree(root: Path, classes=("a", "b"), per_class: int = 3) -> None:
 
 
 def test_image_folder_walk_is_safe(tmp_path):
-    """Links out of the data root, link loops and FIFOs are not followed or read; a link to a
-    folder inside the root is; a training set with one class is refused."""
+    """Links out of the data root are refused, naming them (not followed, and not silently
+    left out either); link loops and FIFOs are not followed or read; a link to a folder inside
+    the root is; a training set with one class is refused."""
     from edgetrain.data import load_dataset
     from edgetrain.errors import UserInputError
 
@@ -559,6 +569,9 @@ def test_image_folder_walk_is_safe(tmp_path):
     _image_tree(root / "extra", classes=("a",), per_class=2)
     (root / "train" / "b" / "more").symlink_to(root / "extra" / "train" / "a",
                                                target_is_directory=True)
+    with pytest.raises(UserInputError, match="train/a/out is a symbolic link to .*outside"):
+        load_dataset("imagefolder", data_dir=root, image_size=8)
+    (root / "train" / "a" / "out").unlink()
     bundle = load_dataset("imagefolder", data_dir=root, image_size=8)
     names = sorted(os.path.relpath(p, root) for p, _ in bundle.train.samples)
     assert bundle.train.classes == ["a", "b"]
@@ -662,9 +675,10 @@ def test_a_finished_run_with_a_garbled_report_is_rebuilt(finished, reference):
 def test_bench_results_are_validated(tmp_path):
     out = tmp_path / "bench"
     out.mkdir()
-    good = {"run_id": "a", "status": "failed"}
+    good = {"run_id": "a", "status": "failed", "method": "trgl", "config": {}}
     (out / "results.jsonl").write_text(json.dumps(good) + "\n"
-                                       + json.dumps({"run_id": "b", "status": "ok"}) + "\n")
+                                       + json.dumps({**good, "run_id": "b", "status": "ok"})
+                                       + "\n")
     refused(invoke("bench", "report", str(out)), 2, "results.jsonl line 2",
             "'test_accuracy' is missing")
     (out / "results.jsonl").write_text("[1, 2]\n" + json.dumps(good) + "\n")

@@ -41,8 +41,16 @@ from edgetrain.devices import DeviceProfile, apply_profile, is_simulated, load_p
 from edgetrain.errors import UserInputError
 from edgetrain.machine import MachineInfo, detect_machine
 from edgetrain.records import Fields, RecordError, read_jsonl
+from edgetrain.runs.files import append_line
 from edgetrain.runs.lock import RunLock
-from edgetrain.runs.ownership import RUN_KIND, read_marker
+from edgetrain.runs.ownership import (
+    BENCH_KIND,
+    BENCH_LAYOUT,
+    RUN_KIND,
+    mark_folder,
+    output_folder_problem,
+    read_marker,
+)
 from edgetrain.runs.rundir import RunDir
 
 RESULTS = "results.jsonl"
@@ -93,22 +101,48 @@ def plan(preset: Preset, profile: DeviceProfile | None = None,
 
 
 def read_results(path: Path) -> list[dict]:
-    """Every line of a results.jsonl, checked; a last line cut short by a killed bench is
-    ignored, any other malformed line is a RecordError naming the file, line and field."""
+    """Every line of a results.jsonl, checked: every field the table and the plot use; a last
+    line cut short by a killed bench is ignored, any other malformed line is a RecordError
+    naming the file, line and field."""
     lines = []
     for number, line in read_jsonl(path):
         f = Fields(line, path, f" line {number}")
         f.str("run_id")
         status = f.str("status", choices=(*FINISHED, "failed"))
+        f.str("method")
+        f.object("config")
+        for name in ("mode", "cache", "dataset", "model", "memory_budget", "stderr_tail"):
+            f.str(name, optional=True)
+        f.int("modules", low=1, optional=True)
+        f.int("memory_budget_bytes", low=1, optional=True)
         if status in ("ok", "over_budget"):
             f.float("test_accuracy", low=0, high=1)
             f.int("peak_memory_bytes", low=0)
             f.int("training_memory_bytes", low=0)
             f.float("wall_time_s", low=0)
-            f.str("method")
-            f.int("modules", low=1, optional=True)
+        if (machine := f.object("machine", optional=True)) is not None:
+            machine.int("memory_bytes", low=0, optional=True)
+            for i, gpu in enumerate(machine.list("gpus", optional=True) or []):
+                Fields(gpu, path, f" line {number}, field 'machine', gpu {i}").str("name")
+        for name in ("modules", "mode", "cache"):
+            line.setdefault(name, None)
         lines.append(line)
     return lines
+
+
+def _reads_as_bench_results(folder: Path) -> bool:
+    """A folder `bench run` wrote before bench folders were marked: its results.jsonl holds
+    bench results."""
+    try:
+        return bool(read_results(folder / RESULTS))
+    except RecordError:
+        return False
+
+
+def bench_folder_problem(out: Path) -> str | None:
+    """Why `bench run --out` cannot write to ``out`` (a user's folder), or None."""
+    return output_folder_problem("--out", out, BENCH_KIND, BENCH_LAYOUT,
+                                 _reads_as_bench_results)
 
 
 def finished_ids(path: Path) -> set[str]:
@@ -149,8 +183,21 @@ def prepare_bench(preset: str, device_profile: str | None = None,
 
 def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print,
               jobs: int = 1) -> list[dict]:
-    """Run what is not finished yet; return the lines appended to OUT/results.jsonl."""
+    """Run what is not finished yet; return the lines appended to OUT/results.jsonl.
+
+    The folder is locked for the whole bench: a second bench into it is refused (naming the
+    pid) instead of interleaving its lines."""
+    if problem := bench_folder_problem(out):
+        raise UserInputError(problem)
     out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "--out"):
+        if problem := bench_folder_problem(out):  # again, under the lock
+            raise UserInputError(problem)
+        mark_folder(out, BENCH_KIND)
+        return _run_grid(bench, out, log, jobs)
+
+
+def _run_grid(bench: Bench, out: Path, log: Callable[[str], None], jobs: int) -> list[dict]:
     results = out / RESULTS
     done = finished_ids(results)
     context = {
@@ -170,7 +217,7 @@ def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print,
     # One writer appends to results.jsonl (this thread); the runs themselves are processes, so
     # threads only wait on them. With jobs > 1 the runs share the machine: accuracy and memory
     # peaks stay each run's own, wall times do not (compare times only from --jobs 1).
-    with RunLock(out, "--out"), ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = {}
         for tag, run in todo:
             log(f"{tag}: running")
@@ -299,8 +346,5 @@ def training_memory_bytes(report: dict) -> int:
 
 def _append_line(path: Path, line: dict) -> None:
     # One write of one line, flushed: a bench killed mid-grid loses at most this line, and
-    # read_results skips a partial one.
-    with open(path, "a") as f:
-        f.write(json.dumps(line, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    # read_results skips a partial one (append_line cuts it off before the next line).
+    append_line(path, json.dumps(line, sort_keys=True), sync=True)

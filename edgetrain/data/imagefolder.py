@@ -79,8 +79,10 @@ class ImageFolderDataset(Dataset):
     """``folder/<class>/**/<image>``, read lazily: items are ``(transform(image), label)``.
 
     The folder is walked once, here, and safely: a symbolic link to a directory is followed
-    only if it stays inside the data root (and each real directory is entered once, so a
-    link loop cannot hang the walk); anything that is not a regular file (a FIFO would block
+    only if it stays inside the data root (a link out of it is refused, naming it, rather than
+    its images silently left out; each real directory is entered once, so a link loop cannot
+    hang the walk); two class folders that are one directory are refused (its images would
+    get two labels); anything that is not a regular file (a FIFO would block
     the first read forever, a device can be endless) and any name starting with "." (.DS_Store,
     .ipynb_checkpoints) is skipped. ``samples``, ``targets`` and ``classes`` are named as in
     torchvision's ImageFolder.
@@ -92,6 +94,14 @@ class ImageFolderDataset(Dataset):
         self._data_root = os.path.realpath(data_root)
         classes = sorted(e.name for e in os.scandir(folder)
                          if not e.name.startswith(".") and self._enterable(e))
+        reals: dict[str, str] = {}
+        for c in classes:
+            other = reals.setdefault(os.path.realpath(folder / c), c)
+            if other != c:
+                raise UserInputError(
+                    f"--data-dir: {folder / c} and {folder / other} are the same folder (a "
+                    "symbolic link), so its images would get two labels. Remove the link, or "
+                    "give each class its own images")
         self.classes = classes
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
         self.samples: list[tuple[str, int]] = []
@@ -114,13 +124,20 @@ class ImageFolderDataset(Dataset):
         self.targets = [label for _, label in self.samples]
 
     def _enterable(self, entry: os.DirEntry) -> bool:
-        """A directory, or a link to one inside the data root."""
+        """A directory, or a link to one inside the data root; a link to a directory outside
+        it is refused (UserInputError naming it), not silently skipped."""
         if not entry.is_dir(follow_symlinks=True):
             return False
         if not entry.is_symlink():
             return True
         real = os.path.realpath(entry.path)
-        return real == self._data_root or real.startswith(self._data_root + os.sep)
+        if real == self._data_root or real.startswith(self._data_root + os.sep):
+            return True
+        raise UserInputError(
+            f"--data-dir: {entry.path} is a symbolic link to {real}, outside --data-dir "
+            f"{self._data_root}; edgetrain follows links only inside it, and would otherwise "
+            "leave those images out without a word. Copy or move them into --data-dir, or "
+            "point --data-dir at a folder that holds them")
 
     def _images(self, folder: Path, seen: set[str], top: bool = False):
         real = os.path.realpath(folder)

@@ -59,6 +59,7 @@ from edgetrain.onnx.graphs import (
     set_metadata,
 )
 from edgetrain.onnx.runtime import training_api
+from edgetrain.paths import path_problem, shown
 from edgetrain.records import RecordError
 from edgetrain.runs.lock import LOCK_FILE, RunLock
 from edgetrain.runs.ownership import (
@@ -218,9 +219,13 @@ def export_training_artifacts(run_dir: Path, k: int, out: Path) -> dict:
         _, info, config = open_run(run_dir)
         module, head, plan = load_module(run_dir, k)
     _check_artifacts_out(out)
+    build = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    if path_problem("--out", build):  # out itself passed: the build folder's name is longer
+        raise UserInputError(f"--out {shown(out)}: the folder export-artifacts builds beside it "
+                             f"({shown(build.name)}) gets a name too long for this "
+                             "filesystem. Choose a shorter --out.")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out)
-    build = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
     build.mkdir()
     try:
         description = _build_artifacts(ort, build, k, module, head, plan, info, config)

@@ -33,6 +33,7 @@ from torch import nn
 
 from edgetrain.errors import UserInputError
 from edgetrain.onnx.graphs import EXPORTER, OPSET, export_graph, exportable, set_metadata
+from edgetrain.paths import path_problem, shown
 from edgetrain.runs.model import ModelInfo, load_stitched, open_run, reading_run
 
 TOLERANCE = 1e-4
@@ -78,13 +79,18 @@ def export_run(run_dir: Path, out: Path, per_module: bool = False,
         _, _, config = open_run(run_dir)
         finals = [out] + ([out.with_name(f"{out.stem}.module_{k}.onnx")
                            for k in range(len(network.stages))] if per_module else [])
+        temps = {path: _temporary_name(path) for path in finals}
+        for path in (*finals, *temps.values()):
+            if path_problem("--out", path):  # out itself passed: the names made from it
+                raise UserInputError(
+                    f"--out {shown(out)}: the files export writes beside it (such as "
+                    f"{shown(path.name)}) get names too long for this filesystem. Choose a "
+                    "shorter --out.")
         for path in finals:
             if problem := _replace_problem(path):
                 raise UserInputError(problem)
         out.parent.mkdir(parents=True, exist_ok=True)
-        for path in finals:
-            remove_stale_temporaries(path)
-        temps = {path: _temporary_name(path) for path in finals}
+        remove_stale_temporaries(out)
         try:
             report = _export_and_verify(network, info, config, run_dir, out, temps, data_dir)
             for final, temp in temps.items():
@@ -125,9 +131,11 @@ def _temporary_name(path: Path) -> Path:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Temporary files an export killed mid-write left beside ``path`` (``.NAME.<hex>.tmp``,
-    regular files only: names edgetrain alone makes)."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{8}}\.tmp")
+    """Temporary files an export killed mid-write left beside ``path`` (``.NAME.<hex>.tmp``
+    for NAME ``path``'s name or one of its per-module names, whether this export writes them
+    or not; regular files only: names edgetrain alone makes)."""
+    names = rf"{re.escape(path.name)}|{re.escape(path.stem)}\.module_[0-9]+\.onnx"
+    pattern = re.compile(rf"\.(?:{names})\.[0-9a-f]{{8}}\.tmp")
     for entry in os.scandir(path.parent):
         if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
             os.unlink(entry.path)

@@ -2,7 +2,8 @@
 
 ``fit`` (new run, ``--resume``, ``--overwrite``) takes the folder's lock exclusively before it
 writes or deletes anything there, and holds it until it returns; readers (``export``,
-``export-artifacts``) take it shared, so a run cannot be replaced under them. A second process
+``export-artifacts``) take it shared, so a run cannot be replaced under them; a reader opens the
+lock file read-only, so a run on read-only storage can still be read. A second process
 gets a clear error naming the holder's pid instead of interleaving its writes. The kernel drops
 the lock when the holder dies (SIGKILL included), so a crash never leaves a folder locked; the
 lock file itself stays, which is harmless.
@@ -12,6 +13,7 @@ Where ``fcntl`` does not exist (Windows) the lock is a no-op and says so in ``Ru
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -51,13 +53,32 @@ class RunLock:
     def acquire(self) -> RunLock:
         if fcntl is None or self._fd is not None:
             return self
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        safe = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(self.path, flags, 0o644)
+            fd = None
+            if self.shared:
+                # A reader needs no write access: flock works on a read-only descriptor, so a
+                # run on read-only storage (or someone else's) can still be exported.
+                try:
+                    fd = os.open(self.path, os.O_RDONLY | safe)
+                except FileNotFoundError:
+                    pass
+            if fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | safe, 0o644)
         except OSError as e:
+            if self.shared and e.errno == errno.EROFS:
+                self.kind = "none (read-only file system: nobody writes there)"
+                return self
+            what = ("Choose a folder you can read." if self.shared
+                    else "Choose a folder you can write to.")
             raise UserInputError(f"{self.flag} {shown(self.folder)}: cannot open its lock file "
-                                 f"{LOCK_FILE} ({e.strerror}). Choose a folder you can write "
-                                 "to.") from None
+                                 f"{LOCK_FILE} ({e.strerror}). {what}") from None
+        if not self.shared and (problem := _not_a_lock_file(fd)):
+            os.close(fd)
+            raise UserInputError(f"{self.flag} {shown(self.folder)}: its {LOCK_FILE} {problem}, "
+                                 "so it is not edgetrain's lock file, and edgetrain would write "
+                                 "over it. Move it away, or choose another "
+                                 f"{self.flag}.")
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -89,6 +110,17 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _not_a_lock_file(fd: int) -> str | None:
+    """Why the open file ``fd`` is not a lock file edgetrain made (empty, or a pid), or None:
+    the holder writes its pid into it, which must never truncate a file of the user's (one
+    of that name, or a hard link to one). A hard link to a real lock file (a backup made
+    with ``cp -al``) holds a pid and is fine."""
+    text = os.pread(fd, 33, 0).strip()
+    if len(text) > 32 or (text and not text.isdigit()):
+        return "holds something else than a process id"
+    return None
 
 
 def _read_pid(fd: int) -> int | None:

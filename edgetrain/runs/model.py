@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from edgetrain.config import FitConfig
 from edgetrain.data.registry import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from edgetrain.errors import UserInputError
@@ -31,7 +33,7 @@ from edgetrain.records import Fields, RecordError, read_json_object
 from edgetrain.runs.lock import RunLock
 from edgetrain.runs.ownership import RUN_KIND, read_marker
 from edgetrain.runs.rundir import RunDir
-from edgetrain.runs.weights import WeightsCorruptError, load_weights
+from edgetrain.runs.weights import WeightsCorruptError, load_weights, shapes_problem
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,12 @@ def reading_run(run_dir: Path) -> Iterator[None]:
 def load_stitched(run_dir: Path) -> tuple[StitchedNetwork, ModelInfo]:
     """The deployable network of a run (modules in order + last head), in eval mode, on CPU."""
     run, info, _ = open_run(run_dir, need=("model.safetensors",))
+    # model.json's sizes are checked against the weights' header before anything is built.
+    with torch.device("meta"):
+        expected = build_network(info.spec(), info.plans(), info.num_classes).state_dict()
+    if problem := shapes_problem(run.model_path, {k: tuple(v.shape)
+                                                  for k, v in expected.items()}):
+        raise UserInputError(f"{problem}: model.json and model.safetensors do not agree.")
     network = build_network(info.spec(), info.plans(), info.num_classes)
     try:
         state = load_weights(run.model_path)
@@ -152,6 +160,13 @@ def load_module(run_dir: Path, k: int) -> tuple[ResNetModule, AuxHead, ModulePla
     except WeightsCorruptError as e:
         raise UserInputError(f"{e}. Retrain it with `edgetrain fit --resume` in that run "
                              "folder.") from None
+    with torch.device("meta"):
+        expected = {f"module.{n}": tuple(t.shape)
+                    for n, t in build_module(info.spec(), plans[k]).state_dict().items()}
+        expected |= {f"head.{n}": tuple(t.shape)
+                     for n, t in build_head(plans[k], info.num_classes).state_dict().items()}
+    if problem := shapes_problem(path, expected):
+        raise UserInputError(f"{problem}: model.json and {path.name} do not agree.")
     module = build_module(info.spec(), plans[k])
     head = build_head(plans[k], info.num_classes)
     try:

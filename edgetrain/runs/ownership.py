@@ -1,9 +1,10 @@
 """What edgetrain owns, and the only code that deletes anything in a folder it writes.
 
 A folder is edgetrain's only if it holds edgetrain's **marker** (``edgetrain-run.json`` for a
-run, ``edgetrain-artifacts.json`` for ``export-artifacts``): a JSON object with the kind, a
-random run id, the format version and when it was made. A file named ``config.json`` or
-``artifacts.json`` proves nothing: users have those too.
+run, ``edgetrain-artifacts.json`` for ``export-artifacts``, ``edgetrain-bench.json`` and
+``edgetrain-profile.json`` for the folders of ``bench run`` and ``profile``): a JSON object
+with the kind, a random run id, the format version and when it was made. A file named
+``config.json`` or ``artifacts.json`` proves nothing: users have those too.
 
 Inside an owned folder, edgetrain deletes only the entries its :class:`Layout` names (the files
 it writes, by name pattern, and the temporary files of its atomic writes), and only as what
@@ -14,7 +15,8 @@ outright for the current folder, its parents, a home folder and a repository roo
 not: those are places where one mistyped flag would cost too much.
 
     layout.remove(root)          # returns what it left: entries edgetrain did not write
-    layout.symlink_problem(flag, root)   # a planted link where edgetrain would write
+    layout.symlink_problem(flag, root)   # a planted link, or a folder (FIFO, ...) where
+                                         # edgetrain writes a file
 """
 
 from __future__ import annotations
@@ -27,16 +29,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgetrain.paths import shown
+from edgetrain.paths import path_problem, shown
 from edgetrain.records import Fields, RecordError, read_json_object
 from edgetrain.runs.lock import LOCK_FILE
 
 MARKER_VERSION = 1
 RUN_MARKER = "edgetrain-run.json"
 ARTIFACTS_MARKER = "edgetrain-artifacts.json"
+BENCH_MARKER = "edgetrain-bench.json"
+PROFILE_MARKER = "edgetrain-profile.json"
 RUN_KIND = "edgetrain-run"
 ARTIFACTS_KIND = "edgetrain-artifacts"
-_MARKER_FILES = {RUN_KIND: RUN_MARKER, ARTIFACTS_KIND: ARTIFACTS_MARKER}
+BENCH_KIND = "edgetrain-bench"
+PROFILE_KIND = "edgetrain-profile"
+_MARKER_FILES = {RUN_KIND: RUN_MARKER, ARTIFACTS_KIND: ARTIFACTS_MARKER,
+                 BENCH_KIND: BENCH_MARKER, PROFILE_KIND: PROFILE_MARKER}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,18 +119,19 @@ class Layout:
     dirs: dict[str, Layout] = field(default_factory=dict)
 
     def file_kind(self, name: str) -> str | None:
-        """'final' or 'temp' if edgetrain writes a file of this name here, else None."""
+        """'final' or 'temp' if edgetrain writes a file of this name here, else None. ASCII
+        only: \\d must not match a user's file named with other scripts' digits."""
         for pattern in self.files:
-            if re.fullmatch(pattern, name):
+            if re.fullmatch(pattern, name, re.ASCII):
                 return "final"
-            if re.fullmatch(rf"\.(?:{pattern})\.[A-Za-z0-9_]+\.tmp", name) or \
-                    re.fullmatch(rf"(?:{pattern})\.tmp", name):
+            if re.fullmatch(rf"\.(?:{pattern})\.[A-Za-z0-9_]+\.tmp", name, re.ASCII) or \
+                    re.fullmatch(rf"(?:{pattern})\.tmp", name, re.ASCII):
                 return "temp"
         return None
 
     def subdir(self, name: str) -> Layout | None:
         for pattern, sub in self.dirs.items():
-            if re.fullmatch(pattern, name):
+            if re.fullmatch(pattern, name, re.ASCII):
                 return sub
         return None
 
@@ -161,35 +169,73 @@ class Layout:
                 left.append(path)
         return left
 
-    def symlinks(self, folder: Path) -> list[Path]:
-        """Symbolic links standing where edgetrain reads or writes in ``folder``."""
-        found = []
+    def obstacles(self, folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+        """What stands where edgetrain reads or writes in ``folder``: symbolic links, and
+        entries of the wrong kind (a folder, FIFO or device under the name of a file edgetrain
+        writes; a file under the name of a folder it writes in), each with what it is.
+        edgetrain never follows, reads, replaces or removes either."""
+        links: list[Path] = []
+        wrong: list[tuple[Path, str]] = []
         try:
             entries = list(os.scandir(folder))
         except (FileNotFoundError, NotADirectoryError):
-            return found
+            return links, wrong
         for entry in entries:
-            sub = self.subdir(entry.name)
-            if not (self.file_kind(entry.name) or sub or entry.name == LOCK_FILE):
+            kind, sub = self.file_kind(entry.name), self.subdir(entry.name)
+            if not (kind or sub is not None or entry.name == LOCK_FILE):
                 continue
+            path = Path(entry.path)
             if entry.is_symlink():
-                found.append(Path(entry.path))
-            elif sub is not None and entry.is_dir(follow_symlinks=False):
-                found += sub.symlinks(Path(entry.path))
-        return found
+                links.append(path)
+            elif sub is not None:
+                if entry.is_dir(follow_symlinks=False):
+                    inner_links, inner_wrong = sub.obstacles(path)
+                    links += inner_links
+                    wrong += inner_wrong
+                else:
+                    wrong.append((path, f"{_kind_of(path)}, where edgetrain keeps a folder"))
+            elif (kind == "final" or entry.name == LOCK_FILE) and \
+                    not entry.is_file(follow_symlinks=False):
+                wrong.append((path, f"{_kind_of(path)}, where edgetrain writes a file"))
+        return links, wrong
+
+    def symlinks(self, folder: Path) -> list[Path]:
+        """Symbolic links standing where edgetrain reads or writes in ``folder``."""
+        return self.obstacles(folder)[0]
 
     def symlink_problem(self, flag: str, folder: Path) -> str | None:
+        """Why edgetrain cannot read and write in ``folder`` without following a link or
+        writing over an entry that is not a file of its own (None if it can)."""
         if folder.is_symlink():
             return (f"{flag} {shown(folder)} is a symbolic link. edgetrain does not follow links "
                     f"for the folders it writes and deletes in; pass the real folder "
                     f"({shown(folder.resolve())}) instead.")
-        links = self.symlinks(folder)
+        links, wrong = self.obstacles(folder)
         if links:
             names = ", ".join(shown(p.relative_to(folder)) for p in links[:5])
             return (f"{flag} {shown(folder)} holds symbolic links where edgetrain writes "
                     f"({names}). edgetrain never follows them out of the folder; remove them, "
                     f"or choose another {flag}.")
+        if wrong:
+            names = "; ".join(f"{shown(p.relative_to(folder))} is {what}" for p, what in wrong[:5])
+            return (f"{flag} {shown(folder)} holds entries edgetrain cannot write over ({names}). "
+                    f"edgetrain leaves them as they are: move them out of the folder, or choose "
+                    f"another {flag}.")
         return None
+
+
+def _kind_of(path: Path) -> str:
+    """'a folder', 'a FIFO', ... (for a message)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return "unreadable"
+    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 _SAFETENSORS = r"[A-Za-z0-9_]+\.safetensors"
@@ -215,6 +261,49 @@ ARTIFACTS_LAYOUT = Layout(files=(*(re.escape(n) for n in ARTIFACT_FILES),
                                  re.escape(ARTIFACTS_MARKER), r"eval_model\.onnx",
                                  r"forward\.onnx"))
 """Everything `edgetrain export-artifacts` writes in its --out folder."""
+
+BENCH_LAYOUT = Layout(files=(r"results\.jsonl", r"results\.md", r"memory_vs_accuracy\.png",
+                             re.escape(BENCH_MARKER)), dirs={"runs": Layout()})
+"""What `edgetrain bench run` writes in its --out folder (runs/ holds one run folder per run)."""
+PROFILE_LAYOUT = Layout(files=(r"profile\.json", r"profile\.png", re.escape(PROFILE_MARKER)))
+"""What `edgetrain profile` writes in its --out folder."""
+
+
+def output_folder_problem(flag: str, folder: Path, kind: str, layout: Layout,
+                          written_before_markers=None) -> str | None:
+    """Why ``folder`` cannot take the outputs of ``kind`` (a bench, a profile), or None.
+
+    Those commands write fixed names (results.md, profile.json, ...) into the folder a user
+    names, replacing what is there: so the folder must be new, empty, or one edgetrain wrote
+    before (its marker; or, for a folder written before folders were marked,
+    ``written_before_markers(folder)`` says it reads as edgetrain's own output). A user's
+    folder is refused, not written over. Nothing is written here: :func:`mark_folder` does
+    that when the command starts writing.
+    """
+    if problem := path_problem(flag, folder) or layout.symlink_problem(flag, folder):
+        return problem
+    if folder.exists() and not folder.is_dir():
+        return f"{flag} {shown(folder)} is a file, not a folder. Choose another {flag}."
+    if not folder.exists() or not [n for n in os.listdir(folder) if n != LOCK_FILE]:
+        return None
+    try:
+        if read_marker(folder, kind) is not None:
+            return None
+    except RecordError as e:
+        return f"{flag}: {e}"
+    if written_before_markers is not None and written_before_markers(folder):
+        return None
+    return (f"{flag} {shown(folder)} already holds files that edgetrain did not write there (no "
+            f"{_MARKER_FILES[kind]}); edgetrain writes into a new or empty folder, or one it "
+            f"wrote before, so that none of your files is replaced. Choose another {flag}.")
+
+
+def mark_folder(folder: Path, kind: str) -> None:
+    """Create ``folder`` if need be and mark it as ``kind``'s (once checked by
+    :func:`output_folder_problem`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if read_marker(folder, kind) is None:
+        write_marker(folder, kind)
 
 
 # ---------------------------------------------------------------------------------------------

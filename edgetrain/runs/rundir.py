@@ -21,6 +21,7 @@ ownership.py) or written. ``--resume`` opens an edgetrain run under its lock
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -30,7 +31,12 @@ from pathlib import Path
 from edgetrain.errors import UserInputError
 from edgetrain.paths import shown
 from edgetrain.records import Fields, RecordError, read_json_object, read_jsonl
-from edgetrain.runs.files import write_json_atomic, write_text_atomic
+from edgetrain.runs.files import (
+    append_line,
+    is_out_of_space,
+    write_json_atomic,
+    write_text_atomic,
+)
 from edgetrain.runs.lock import LOCK_FILE, RunLock
 from edgetrain.runs.ownership import (
     RUN_KIND,
@@ -53,6 +59,9 @@ PLAN = "plan.json"
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+    run_id: str | None = None
+    """The marker's run id, once the run is claimed or opened: written into every weights
+    file, and required of every one read back (runs/weights.py)."""
 
     @property
     def config_path(self) -> Path:
@@ -109,12 +118,7 @@ class RunDir:
     def log(self, event: str, **fields) -> None:
         """Append one line to the metrics log (a crash loses at most the line being written)."""
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        # O_NOFOLLOW: a link planted in place of the log must not make edgetrain append
-        # elsewhere.
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                     | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        append_line(self.metrics_path, json.dumps(record, sort_keys=True))
 
     def read_metrics(self) -> list[dict]:
         """The log's records (each with a string ``event``); a last line cut short by a kill is
@@ -128,15 +132,50 @@ class RunDir:
     def write_report(self, report: dict) -> None:
         write_json_atomic(self.report_path, report)
 
-    def read_report(self) -> dict:
-        """report.json, checked for the fields other tools rely on."""
+    def read_report(self, complete: bool = False) -> dict:
+        """report.json, checked: the fields other tools rely on, and the type of every field
+        that is there; with ``complete``, every field `fit` prints when it returns a finished
+        run's report (a `--resume`) must be there too."""
         data = read_json_object(self.report_path)
         f = Fields(data, self.report_path)
+        optional = not complete
+        f.str("run_id", optional=True)
         f.float("test_accuracy", low=0, high=1)
         f.float("wall_time_s", low=0)
         f.int("peak_memory_bytes", low=0)
-        f.list("modules")
+        f.int("framework_baseline_bytes", low=0, optional=optional)
+        f.int("memory_budget_bytes", low=1, optional=True)
+        for name in ("method", "mode", "model", "dataset", "memory_measured"):
+            f.str(name, optional=optional)
+        f.str("device_profile", optional=True)
+        f.bool("simulated", optional=True)
+        f.bool("budget_exceeded", optional=optional)
+        for i, module in enumerate(f.list("modules")):
+            check_module_record(Fields(module, self.report_path, f", field 'modules' [{i}]"))
+        for i, phase in enumerate(f.list("phases", optional=optional) or []):
+            p = Fields(phase, self.report_path, f", field 'phases' [{i}]")
+            p.str("phase")
+            p.int("predicted_peak_bytes", low=0, optional=True)
+            p.int("measured_peak_bytes", low=0)
+            p.bool("within_budget", optional=True)
         return data
+
+
+def check_module_record(f: Fields, num_modules: int | None = None) -> int:
+    """A finished module's record (a "module" line of metrics.jsonl, an entry of report.json's
+    modules), every field that is reused checked; its module index."""
+    k = f.int("module", low=0, high=None if num_modules is None else num_modules - 1)
+    f.ints("blocks", low=0, length=2)
+    f.float("tau", low=0, allow_inf=True)
+    f.float("aux_test_accuracy", low=0, high=1, optional=True)
+    f.int("predicted_peak_memory_bytes", low=0, optional=True)
+    f.int("micro_batch", low=1)
+    f.bool("checkpointing")
+    f.float("train_time_s", low=0)
+    f.int("train_peak_memory_bytes", low=0)
+    f.float("cache_time_s", low=0)
+    f.int("cache_peak_memory_bytes", low=0, optional=True)
+    return k
 
 
 def _entries(folder: Path) -> list[str]:
@@ -190,9 +229,13 @@ def claim_new_run(out: Path, overwrite: bool, config_json: str
             f"--out {shown(out)} cannot be created ({e.strerror}). Choose a folder you can "
             "write to.") from e
     lock = RunLock(out, "--out").acquire()
+    fresh = False  # the folder was checked under the lock, and it is new or empty
     try:
         check_new_run(out, overwrite)
-        RUN_LAYOUT.remove(out, keep=(LOCK_FILE,))  # nothing unless --overwrite of a run
+        fresh = read_marker(out, RUN_KIND) is None
+        # Nothing unless --overwrite of a run. Its marker stays until the new one replaces it:
+        # a claim that fails half-way leaves a folder that is still edgetrain's to replace.
+        RUN_LAYOUT.remove(out, keep=(LOCK_FILE, RUN_MARKER))
         try:
             probe = out / ".write-test"
             probe.write_text("")
@@ -204,11 +247,20 @@ def claim_new_run(out: Path, overwrite: bool, config_json: str
         run = RunDir(out)
         (out / "modules").mkdir(exist_ok=True)
         write_text_atomic(run.config_path, config_json + "\n")
-        # The marker last: a folder with a marker always has its config.
+        # The marker last: a new folder with a marker always has its config.
         marker = write_marker(out, RUN_KIND)
-        return run, lock, marker
-    except BaseException:
+        return RunDir(out, marker.run_id), lock, marker
+    except BaseException as e:
+        if fresh:
+            # The folder was new or empty: what is in it at edgetrain's names, this claim
+            # wrote. Take it back, so that the same command can simply be run again.
+            with contextlib.suppress(OSError):
+                RUN_LAYOUT.remove(out, keep=(LOCK_FILE,))
         lock.release()
+        if is_out_of_space(e):
+            raise UserInputError(
+                f"Ran out of disk space starting the run in --out {shown(out)}; nothing of it "
+                "was kept. Free space there and run the same command again.") from None
         raise
 
 
@@ -234,11 +286,13 @@ def open_for_resume(out: Path) -> tuple[RunDir, RunLock, Marker]:
         raise UserInputError(_not_a_run("--resume: --out", out, "resumes"))
     lock = RunLock(out, "--out").acquire()
     try:
+        # Read again under the lock: a `fit --overwrite` may have replaced the run meanwhile.
+        marker = read_marker(out, RUN_KIND) or marker
         if not RunDir(out).config_path.is_file():
             raise RecordError(f"{shown(out / CONFIG)} is missing: the run's configuration is "
                               "gone, so it cannot be resumed. Start a new run in another --out.")
         RUN_LAYOUT.remove(out, temp_only=True)
-        return RunDir(out), lock, marker
+        return RunDir(out, marker.run_id), lock, marker
     except BaseException:
         lock.release()
         raise

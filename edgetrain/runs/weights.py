@@ -3,6 +3,8 @@
 safetensors cannot run code when loaded. Every file edgetrain writes carries a blake2b of every
 tensor (name, dtype, shape, bytes) in its metadata, checked when the file is read back: a
 damaged module or checkpoint is found before training relies on it, not at stitching time.
+Files written in a run folder also carry the run's id (its marker's), so that a module or a
+checkpoint copied in from another run, intact as it is, is never taken for this run's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from edgetrain.paths import shown
 from edgetrain.runs.files import FILE_MODE
 
 CHECKSUM_KEY = "edgetrain.checksum"
+RUN_ID_KEY = "edgetrain.run_id"
 
 
 class WeightsCorruptError(Exception):
@@ -74,6 +77,23 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise WeightsCorruptError(f"{shown(path)} cannot be read ({e})") from None
 
 
+def shapes_problem(path: Path, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the tensors in ``path`` are not exactly ``expected`` (name: shape), or None. Only
+    the file's header is read: this is checked before a network of that size is built, so a
+    description that lies about the sizes cannot make edgetrain allocate without bound."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        return f"{shown(path)} cannot be read ({e})"
+    wrong = sorted(k for k in expected.keys() | got.keys() if got.get(k) != expected.get(k))
+    if wrong:
+        return (f"{shown(path)} does not hold the network its run describes ({wrong[0]}: "
+                f"{got.get(wrong[0], 'missing')} in the file, {expected.get(wrong[0], 'none')} "
+                "expected)")
+    return None
+
+
 def load_weights(path: Path, device: str | torch.device = "cpu",
                  require_checksum: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of ``path``, checked against the checksum in its metadata.
@@ -101,12 +121,21 @@ def load_weights(path: Path, device: str | torch.device = "cpu",
     return tensors
 
 
-def weights_problem(path: Path) -> str | None:
-    """Why ``path`` is not an intact weights file edgetrain wrote, or None."""
+def weights_problem(path: Path, run_id: str | None = None,
+                    shapes: dict[str, tuple[int, ...]] | None = None) -> str | None:
+    """Why ``path`` is not an intact weights file edgetrain wrote, or None. With ``run_id``,
+    it must have been written by that run; with ``shapes``, it must hold exactly those
+    tensors (name: shape), as the run's configuration builds them."""
     if path.is_symlink() or not path.is_file():
         return f"{shown(path)} is missing"
     try:
         load_weights(path, require_checksum=True)
+        found = read_metadata(path).get(RUN_ID_KEY)
     except WeightsCorruptError as e:
         return str(e)
+    if run_id is not None and found != run_id:
+        return (f"{shown(path)} was written by another run (run id {found or 'none'}; this "
+                f"run's is {run_id})")
+    if shapes is not None:
+        return shapes_problem(path, shapes)
     return None

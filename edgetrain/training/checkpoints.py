@@ -17,7 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgetrain.runs.weights import WeightsCorruptError, load_weights, read_metadata, save_weights
+from edgetrain.runs.weights import (
+    RUN_ID_KEY,
+    WeightsCorruptError,
+    load_weights,
+    read_metadata,
+    save_weights,
+)
 from edgetrain.training.sgd import SGD, LRSchedule
 
 
@@ -26,7 +32,8 @@ class CheckpointDamagedError(Exception):
 
 
 def save_checkpoint(path: Path, epoch: int, parts: dict[str, nn.Module],
-                    optimizers: dict[str, tuple[SGD, LRSchedule]]) -> None:
+                    optimizers: dict[str, tuple[SGD, LRSchedule]],
+                    run_id: str | None = None) -> None:
     state = {}
     for name, part in parts.items():
         state.update({f"{name}.{k}": v for k, v in part.state_dict().items()})
@@ -38,7 +45,10 @@ def save_checkpoint(path: Path, epoch: int, parts: dict[str, nn.Module],
     for name, (opt, sched) in optimizers.items():
         state.update({f"{name}.{k}": v for k, v in opt.state_dict().items()})
         steps[name] = sched.step_count
-    save_weights(path, state, {"epoch": epoch, "schedule_steps": json.dumps(steps)})
+    meta = {"epoch": epoch, "schedule_steps": json.dumps(steps)}
+    if run_id is not None:
+        meta[RUN_ID_KEY] = run_id
+    save_weights(path, state, meta)
 
 
 class NonFiniteWeightsError(ValueError):
@@ -52,11 +62,12 @@ class NonFiniteWeightsError(ValueError):
 
 def load_checkpoint(path: Path, parts: dict[str, nn.Module],
                     optimizers: dict[str, tuple[SGD, LRSchedule]], device,
-                    epochs: int) -> int:
+                    epochs: int, run_id: str | None = None) -> int:
     """Restore ``parts`` and ``optimizers`` in place; return the last finished epoch.
 
     Everything is checked before anything is restored: the checksum, the metadata (an epoch in
-    ``0..epochs-1``, one integer schedule position per optimizer, within its schedule) and that
+    ``0..epochs-1``, one integer schedule position per optimizer, within its schedule; with
+    ``run_id``, written by that run: another run's checkpoint is not this one's) and that
     every tensor a part or optimizer needs is there with its shape. Raises
     CheckpointDamagedError otherwise, and nothing has been changed.
     """
@@ -65,6 +76,9 @@ def load_checkpoint(path: Path, parts: dict[str, nn.Module],
         state = load_weights(path, device, require_checksum=True)
     except WeightsCorruptError as e:
         raise CheckpointDamagedError(str(e)) from None
+    if run_id is not None and meta.get(RUN_ID_KEY) != run_id:
+        raise CheckpointDamagedError(f"it was written by another run (run id "
+                                     f"{meta.get(RUN_ID_KEY) or 'none'}; this run's is {run_id})")
     epoch = _int(meta.get("epoch"), 0, epochs - 1, "epoch")
     try:
         steps = json.loads(meta.get("schedule_steps", ""))

@@ -53,8 +53,8 @@ from edgetrain.models.resnet import ResNetSpec
 from edgetrain.models.split import ModulePlan
 from edgetrain.records import Fields
 from edgetrain.runs.progress import ProgressBars
-from edgetrain.runs.rundir import RunDir
-from edgetrain.runs.weights import load_weights, save_weights, weights_problem
+from edgetrain.runs.rundir import RunDir, check_module_record
+from edgetrain.runs.weights import RUN_ID_KEY, load_weights, save_weights, weights_problem
 from edgetrain.training.checkpoints import (
     CheckpointDamagedError,
     NonFiniteWeightsError,
@@ -112,17 +112,34 @@ class Context:
         """``(lap, module)`` steps an earlier run of this folder finished: result logged,
         weights saved and intact (checksum). From the first module that fails the check on,
         nothing counts as finished: modules after a damaged one were trained on its outputs,
-        so they are trained again with it. With several laps a module file holds its latest
-        lap only, so a damaged one sends training back to the start."""
+        so they are trained again with it. A module file of another run (its run id), or one
+        that does not hold the module this run's configuration builds, is not finished either.
+        With several laps a module file holds its latest lap only, so a damaged one sends
+        training back to the start."""
         logged = finished_module_records(self.run, len(self.plans))
         for k in sorted({k for _, k in logged}):
-            if problem := weights_problem(self.run.module_path(k)):
+            if problem := weights_problem(self.run.module_path(k), self.run.run_id,
+                                          self.module_shapes(k)):
                 retrain = [step for step in logged if step[1] >= k] if self.config.laps == 1 \
                     else list(logged)
                 self.run.log("module_damaged", module=k, problem=problem,
                              retrain=[list(step) for step in sorted(retrain)])
                 return {step: r for step, r in logged.items() if step not in retrain}
         return logged
+
+    def module_shapes(self, k: int) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor of module ``k`` and its head, as saved (built on
+        the meta device: nothing is allocated)."""
+        with torch.device("meta"):
+            return {name: tuple(t.shape) for name, t in _module_state(
+                build_module(self.spec, self.plans[k]),
+                build_head(self.plans[k], self.num_classes)).items()}
+
+    def network_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor of the stitched network (model.safetensors)."""
+        with torch.device("meta"):
+            network = build_network(self.spec, self.plans, self.num_classes)
+            return {name: tuple(t.shape) for name, t in network.state_dict().items()}
 
     def inference_batch_size(self, phase: int | None = None) -> int:
         """Batch size for evaluation and caching: the planned micro-batch, so inference never
@@ -158,15 +175,14 @@ class Context:
 def finished_module_records(run: RunDir, num_modules: int | None = None
                             ) -> dict[tuple[int, int], dict]:
     """The "module" records of the run's log, by ``(lap, module)`` (the last one of each
-    wins); RecordError if a record is malformed."""
+    wins); RecordError if a record is malformed (every field that is reused is checked)."""
     done = {}
     for e in run.read_metrics():
         if e["event"] != "module":
             continue
         f = Fields(e, run.metrics_path, " (a 'module' record)")
-        k = f.int("module", low=0, high=None if num_modules is None else num_modules - 1)
+        k = check_module_record(f, num_modules)
         lap = f.int("lap", low=0, optional=True) or 0
-        f.float("aux_test_accuracy", low=0, high=1, optional=True)
         done[lap, k] = {key: v for key, v in e.items() if key not in ("event", "time")}
     return done
 
@@ -650,7 +666,8 @@ def _resume_point(ctx: Context, name: str, parts: dict, optimizers: dict) -> int
     if not path.exists():
         return 0
     try:
-        first = load_checkpoint(path, parts, optimizers, ctx.device, ctx.epochs_per_lap) + 1
+        first = load_checkpoint(path, parts, optimizers, ctx.device, ctx.epochs_per_lap,
+                                ctx.run.run_id) + 1
     except CheckpointDamagedError as e:
         ctx.run.log("checkpoint_discarded", phase=name, reason=str(e))
         path.unlink()
@@ -664,7 +681,7 @@ def _checkpoint(ctx: Context, name: int | str, module: int | None, epoch: int, p
     """The epoch checkpoint; a diverged state stops the run instead (the previous
     checkpoint, still finite, stays)."""
     try:
-        save_checkpoint(ctx.run.checkpoint_path(name), epoch, parts, optimizers)
+        save_checkpoint(ctx.run.checkpoint_path(name), epoch, parts, optimizers, ctx.run.run_id)
     except NonFiniteWeightsError as e:
         raise NonFiniteLossError(module, epoch, None, "non-finite weights", str(e)) from None
 
@@ -676,7 +693,7 @@ def _save_module(ctx: Context, k: int, module: nn.Module, head: nn.Module, epoch
     if bad:
         raise NonFiniteLossError(k, epoch, None, "non-finite weights",
                                  str(NonFiniteWeightsError(bad)))
-    save_weights(ctx.run.module_path(k), state, metadata)
+    save_weights(ctx.run.module_path(k), state, {**metadata, RUN_ID_KEY: ctx.run.run_id})
 
 
 def _steps_per_epoch(ctx: Context) -> int:
