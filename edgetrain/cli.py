@@ -3,7 +3,6 @@ else lives here."""
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -16,6 +15,7 @@ from edgetrain.config import FitConfig
 from edgetrain.errors import UserInputError
 from edgetrain.memory.planner import BudgetError
 from edgetrain.reporting import print_plan, print_report
+from edgetrain.runs.files import is_out_of_space
 from edgetrain.units import MemorySize
 
 app = typer.Typer(
@@ -27,7 +27,6 @@ app = typer.Typer(
 
 T = TypeVar("T")
 R = TypeVar("R")
-_OUT_OF_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 @app.callback()
@@ -80,16 +79,35 @@ def fit(
     widths: Annotated[str, typer.Option(help="Channels per stage, comma separated.")] = "16,32,64",
     modules: Annotated[int, typer.Option("--modules", "-K", help="K: number of modules.")] = 4,
     split: Annotated[str, typer.Option(help="even | balanced (by activation memory).")] = "even",
+    shortcut: Annotated[
+        str, typer.Option(help="Downsampling shortcut: conv (1x1 conv + BN) | zero-pad "
+                          "(subsample + zero channels, the authors').")
+    ] = "conv",
+    init: Annotated[
+        str, typer.Option(help="default (Kaiming) | orthogonal (scaled by --init-gain, the "
+                          "authors').")
+    ] = "default",
+    init_gain: Annotated[float, typer.Option(help="Gain of --init orthogonal.")] = 0.1,
     method: Annotated[str, typer.Option(help="trgl | vanilla | e2e.")] = "trgl",
     mode: Annotated[str, typer.Option(help="sequential | parallel.")] = "sequential",
     epochs: Annotated[int, typer.Option(help="Epochs per module (sequential), or in all.")] = 5,
+    laps: Annotated[
+        int, typer.Option(help="Passes over the modules (sequential); each lap trains every "
+                          "module epochs/laps epochs, continuing from the lap before.")
+    ] = 1,
     batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak SGD learning rate (cosine schedule).")] = 0.05,
+    lr: Annotated[float, typer.Option(help="Peak SGD learning rate.")] = 0.05,
+    lr_schedule: Annotated[
+        str, typer.Option(help="cosine (to 0) | constant | step (/5 at 60% and 80%).")
+    ] = "cosine",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="SGD weight decay.")] = 5e-4,
     label_smoothing: Annotated[float, typer.Option(help="Cross-entropy smoothing.")] = 0.0,
     tau: Annotated[float, typer.Option(help="TRGL step size; penalty 1/(2 tau).")] = 1.0,
-    tau_schedule: Annotated[str, typer.Option(help="halved | constant.")] = "halved",
+    tau_schedule: Annotated[
+        str, typer.Option(help="halved | constant | multipliers (weight 1/lambda, lambda += CE "
+                          "every 50 steps).")
+    ] = "halved",
     activation_checkpointing: Annotated[
         bool,
         typer.Option(
@@ -122,6 +140,14 @@ def fit(
         bool,
         typer.Option(help="Continue the run in --out from its last finished module or epoch."),
     ] = False,
+    allow_changes: Annotated[
+        str,
+        typer.Option(
+            help="With --resume: settings that may differ from the run's own for the modules "
+            "not finished yet, comma separated, e.g. lr (after a diverged module) or "
+            "cache-dtype,cache (after a full disk). Finished modules are kept."
+        ),
+    ] = "",
     device_profile: Annotated[
         str | None,
         typer.Option(
@@ -151,11 +177,16 @@ def fit(
             widths=_parsed(_widths, widths, FitConfig.widths, problems),
             modules=modules,
             split=split,
+            shortcut=shortcut,
+            init=init,
+            init_gain=init_gain,
             method=method,
             mode=mode,
             epochs=epochs,
+            laps=laps,
             batch_size=batch_size,
             lr=lr,
+            lr_schedule=lr_schedule,
             momentum=momentum,
             weight_decay=weight_decay,
             label_smoothing=label_smoothing,
@@ -172,6 +203,8 @@ def fit(
             out=out,
             overwrite=overwrite,
             resume=resume,
+            allow_changes=tuple(c.strip().replace("-", "_") for c in allow_changes.split(",")
+                                if c.strip()),
             memory_budget=budget.bytes if budget else None,
             memory_budget_text=memory_budget,
         )
@@ -192,11 +225,13 @@ def fit(
     except NonFiniteLossError as e:
         _fail(str(e), code=3)
     except OSError as e:
-        if e.errno not in _OUT_OF_SPACE:
+        if not is_out_of_space(e):
             raise
-        _fail(f"Ran out of disk space writing {e.filename or out}. Free space there, or choose "
-              f"another --out; finished modules are kept in {out}, and --resume continues the "
-              "run once there is room.", code=2)
+        _fail(f"Ran out of disk space writing {e.filename or out}. Finished modules are kept in "
+              f"{out}. Free space there and run the same command with --resume; or keep "
+              "going with less disk: --resume --cache-dtype float16 --allow-changes "
+              "cache-dtype (half the cache), or --resume --cache none --allow-changes cache "
+              "(no cache).", code=2)
     except KeyboardInterrupt:
         _fail(f"Interrupted. Finished modules and the last epoch checkpoint are kept in {out}; "
               "to continue, run the same command again with --resume.", code=130)

@@ -91,16 +91,25 @@ def bench_run(
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the runs and their flags; run nothing.")]
     = False,
+    jobs: Annotated[
+        int, typer.Option(help="Runs at a time, each its own process (give each --threads "
+                          "cores). Accuracy and memory stay each run's own; compare wall "
+                          "times only from --jobs 1.")
+    ] = 1,
 ) -> None:
     """Run a benchmark preset; write OUT/results.jsonl, OUT/results.md and the plot."""
     from edgetrain.bench import prepare_bench, run_bench
     from edgetrain.bench.report import write_report
+    from edgetrain.bench.runner import bench_folder_problem
 
     try:
+        if not 1 <= jobs <= 256:
+            raise UserInputError(f"--jobs must be between 1 and 256 (got {jobs}).")
         bench = prepare_bench(preset, device_profile, only)
         out = out or Path("runs") / f"bench-{bench.preset.name}"
         # Before the first run: a bad --out would otherwise only fail when results are written.
-        if not dry_run and (problem := folder_problem("--out", out)):
+        if not dry_run and (problem := folder_problem("--out", out)
+                            or bench_folder_problem(out)):
             raise UserInputError(problem)
     except UserInputError as e:
         _fail(str(e), code=2)
@@ -116,12 +125,14 @@ def bench_run(
                  f"{' '.join(run.args)} --out {out / 'runs' / run.run_id}")
         return
     try:
-        run_bench(bench, out, log=_say)
+        run_bench(bench, out, log=_say, jobs=jobs)
+        report = write_report(out)
     except KeyboardInterrupt:
         if (out / "results.jsonl").exists():
             write_report(out)
         _fail(f"Interrupted. Finished runs are in {out}; rerun the same command to resume.", 130)
-    report = write_report(out)
+    except UserInputError as e:
+        _fail(str(e), code=2)
     _show(report)
     if report.failed:
         _fail(f"{report.failed} run(s) failed; their errors are at the end of {report.table}. "

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from edgetrain.cli_output import fail as _fail
+from edgetrain.cli_output import out_of_space
 from edgetrain.cli_output import say as _say
 from edgetrain.errors import UserInputError
 from edgetrain.paths import check_paths, file_problem, folder_problem
@@ -40,6 +41,9 @@ def export(
         _fail(str(e), code=2)
     except ExportVerificationError as e:
         _fail(str(e), code=5)
+    except OSError as e:
+        if not out_of_space(e, str(out)):
+            raise
     _say(f"wrote {report.path} (ONNX opset {report.opset}; exporter {report.exporter}: the "
          "dynamo exporter needs onnxscript and has produced wrong models)")
     for path in report.module_paths:
@@ -76,6 +80,9 @@ def export_artifacts(
         description = export_training_artifacts(run_dir, module, out)
     except UserInputError as e:
         _fail(str(e), code=2)
+    except OSError as e:
+        if not out_of_space(e, str(out)):
+            raise
     for name in (*description["files"].values(), "README.txt", "artifacts.json"):
         _say(f"wrote {out / name}")
     _say(f"module {module} input x: {description['inputs']['x']}")

@@ -22,3 +22,16 @@ def fail(message: str, code: int) -> None:
 def say(message: str) -> None:
     """Print plain text (no markup interpretation)."""
     console.print(message, markup=False, highlight=False)
+
+
+def out_of_space(error: BaseException, what: str) -> bool:
+    """If ``error`` is a full disk, say so (``what`` was being written) and exit with code 2;
+    otherwise return False so the caller re-raises."""
+    from edgetrain.runs.files import is_out_of_space
+
+    if not is_out_of_space(error):
+        return False
+    where = getattr(error, "filename", None) or what
+    fail(f"Ran out of disk space writing {where}. Nothing half-written was left behind; free "
+         "space there (or choose another --out) and run the command again.", code=2)
+    return True

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgetrain.cli_output import out_of_space
 from edgetrain.errors import UserInputError
 from edgetrain.units import format_bytes
 
@@ -24,6 +25,10 @@ def profile(
     modules: Annotated[int, typer.Option("--modules", "-K", help="K for greedy methods.")] = 4,
     split: Annotated[str, typer.Option(help="even | balanced.")] = "even",
     steps: Annotated[int, typer.Option(help="Training steps measured per variant.")] = 3,
+    transport_form: Annotated[str, typer.Option(
+        help="bn | direct: how TRGL computes each block's mean(r^2). bn: from the block's last "
+             "BatchNorm, keeping no activation; direct: from r, keeping it for backward (as "
+             "before issue 11). Same numbers either way.")] = "bn",
     device: Annotated[str, typer.Option(help="cpu | cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     only: Annotated[list[str] | None, typer.Option(
@@ -40,28 +45,32 @@ def profile(
 
     try:
         _check(model, widths, dataset, data_dir, batch_size, modules, split, steps, device,
-               threads, out)
+               threads, out, transport_form)
         spec = ProfileSpec(model=model, widths=_widths(widths), dataset=dataset,
                            data_dir=str(data_dir) if data_dir else None, batch_size=batch_size,
                            modules=modules, split=split, steps=steps, device=device,
-                           threads=threads)
+                           threads=threads, transport_form=transport_form)
         data = run_profile(spec, out, only, on_result=lambda r: console.print(
             f"  {r['variant']}: peak {format_bytes(r['peak_bytes'])}"))
     except UserInputError as e:
         _fail(str(e), code=2)
+    except OSError as e:
+        if not out_of_space(e, str(out)):
+            raise
     print_profile(data)
-    console.print(f"written: {out / 'profile.json'}, {out / 'profile.png'}")
+    console.print(f"written: {out / 'profile.json'}, {out / 'profile.png'}", markup=False)
 
 
 def _check(model: str, widths: str, dataset: str, data_dir: Path | None, batch_size: int,
            modules: int, split: str, steps: int, device: str, threads: int | None,
-           out: Path) -> None:
+           out: Path, transport_form: str) -> None:
     """Everything that can be checked before the first subprocess starts: a mistake found by
     a worker costs a process start, and one found when profile.json is written, the whole
     profile."""
     from edgetrain.cli import _widths
     from edgetrain.config import FitConfig
     from edgetrain.data import DATASET_NAMES
+    from edgetrain.models.energy import TRANSPORT_FORMS
     from edgetrain.models.split import SPLIT_STRATEGIES
 
     problems = []
@@ -74,6 +83,9 @@ def _check(model: str, widths: str, dataset: str, data_dir: Path | None, batch_s
     if dataset not in DATASET_NAMES:
         problems.append(f"--dataset {dataset!r} is not known; choose one of "
                         f"{', '.join(DATASET_NAMES)}.")
+    if transport_form not in TRANSPORT_FORMS:
+        problems.append(f"--transport-form {transport_form!r} is not known; choose one of "
+                        f"{', '.join(TRANSPORT_FORMS)}.")
     if split not in SPLIT_STRATEGIES:
         problems.append(f"--split {split!r} is not known; choose one of "
                         f"{', '.join(SPLIT_STRATEGIES)}.")
@@ -83,6 +95,10 @@ def _check(model: str, widths: str, dataset: str, data_dir: Path | None, batch_s
                   out=out).validate()
     except UserInputError as e:
         problems += e.problems
+    from edgetrain.memory.profile import profile_folder_problem
+
+    if not problems and (problem := profile_folder_problem(out)):
+        problems.append(problem)
     if problems:
         raise UserInputError(problems)
     from edgetrain.fit import resolve_device
@@ -97,7 +113,8 @@ def _check(model: str, widths: str, dataset: str, data_dir: Path | None, batch_s
 def print_profile(data: dict) -> None:
     spec = data["spec"]
     table = Table(title=f"edgetrain profile: {spec['model']} on {spec['dataset']}, batch "
-                        f"{spec['batch_size']}, K = {spec['modules']} ({spec['split']} split)")
+                        f"{spec['batch_size']}, K = {spec['modules']} ({spec['split']} split), "
+                        f"TRGL penalty in the {spec.get('transport_form', 'bn')} form")
     for column in ("variant", "peak (total)", "training-only", "vs e2e", "step time",
                    "analytic floor", "measured / floor", "goal <= e2e/K + head"):
         table.add_column(column, justify="right")

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +51,13 @@ class FitConfig:
     """K, the number of modules the network is split into (1 <= K <= number of blocks)."""
     split: str = "even"
     """How blocks are shared among modules: even (same count) or balanced (same memory)."""
+    shortcut: str = "conv"
+    """Downsampling shortcut: conv (1x1 conv + BN) or zero-pad (subsample + zero channels,
+    parameter-free: the authors')."""
+    init: str = "default"
+    """Weight init: default (Kaiming convs) or orthogonal (scaled by init_gain: the authors')."""
+    init_gain: float = 0.1
+    """Gain of --init orthogonal (the authors use 0.1)."""
 
     method: str = "trgl"
     """trgl (transport-regularised greedy), vanilla (greedy, tau = inf) or e2e (baseline)."""
@@ -57,10 +66,16 @@ class FitConfig:
     each on the detached output of the one before."""
     epochs: int = 5
     """Epochs per module (sequential), or for the whole network (parallel, e2e)."""
+    laps: int = 1
+    """Multi-lap sequential training: N passes over the modules, each module training
+    epochs/N epochs per pass and continuing from its weights of the pass before."""
     batch_size: int = 128
     """Mini-batch size."""
     lr: float = 0.05
-    """Peak learning rate of SGD (momentum 0.9), cosine-annealed over each module's epochs."""
+    """Peak learning rate of SGD (momentum 0.9), scheduled over each module's epochs."""
+    lr_schedule: str = "cosine"
+    """cosine: from lr to 0; constant: lr throughout (the authors' module-wise runs); step: lr,
+    divided by 5 after 60% and 80% of the steps (the authors' end-to-end baseline)."""
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 5e-4
@@ -70,7 +85,9 @@ class FitConfig:
     tau: float = 1.0
     """Transport step size: the penalty weight is 1/(2 tau). Ignored unless method is trgl."""
     tau_schedule: str = "halved"
-    """halved: tau/2 for the first half of the modules, tau after (the authors'); constant."""
+    """halved: tau/2 for the first half of the modules, tau after (the authors'); constant;
+    multipliers: the method of multipliers (weight 1/lambda, lambda += CE every 50 steps,
+    lambda0 = 1; --tau unused)."""
 
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of keeping them (torch.utils.
@@ -106,6 +123,9 @@ class FitConfig:
     """The budget as the user wrote it."""
     eval_every_epoch: bool = True
     """Evaluate each module's auxiliary test accuracy after every epoch (else only at the end)."""
+    allow_changes: tuple[str, ...] = ()
+    """With --resume: settings that may differ from the run's own for the modules not finished
+    yet (e.g. lr after a diverged module, cache_dtype after a full disk); see RESUME_CHANGEABLE."""
     extra: dict = field(default_factory=dict)
     """Free-form fields tools may record (not used by training)."""
 
@@ -120,6 +140,29 @@ class FitConfig:
         if self.cache not in CACHE_MODES:
             problems.append(f"--cache {self.cache!r} is not known; choose one of "
                             f"{', '.join(CACHE_MODES)}.")
+        from edgetrain.models.resnet import INITS, SHORTCUTS
+        from edgetrain.training.sgd import LR_SCHEDULES
+
+        if self.shortcut not in SHORTCUTS:
+            problems.append(f"--shortcut {self.shortcut!r} is not known; choose one of "
+                            f"{', '.join(SHORTCUTS)}.")
+        if self.init not in INITS:
+            problems.append(f"--init {self.init!r} is not known; choose one of "
+                            f"{', '.join(INITS)}.")
+        if not 0 < self.init_gain <= 10:
+            problems.append(f"--init-gain must be in (0, 10], e.g. 0.1 (got {self.init_gain}).")
+        from edgetrain.training.transport import TAU_SCHEDULES
+
+        if self.tau_schedule not in TAU_SCHEDULES:
+            problems.append(f"--tau-schedule {self.tau_schedule!r} is not known; choose one of "
+                            f"{', '.join(TAU_SCHEDULES)}.")
+        elif self.tau_schedule == "multipliers" and self.backend == "ort":
+            problems.append("--tau-schedule multipliers is not available with --backend ort "
+                            "(its weight changes during training); use --backend torch.")
+
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"--lr-schedule {self.lr_schedule!r} is not known; choose one of "
+                            f"{', '.join(LR_SCHEDULES)}.")
         if self.device not in DEVICES:
             problems.append(f"--device {self.device!r} is not known; choose one of "
                             f"{', '.join(DEVICES)}.")
@@ -145,6 +188,20 @@ class FitConfig:
                             ("--modules", self.modules), ("--cache-views", self.cache_views)):
             if value < 1:
                 problems.append(f"{flag} must be at least 1 (got {value}).")
+        if self.laps < 1:
+            problems.append(f"--laps must be at least 1 (got {self.laps}).")
+        elif self.laps > 1:
+            if self.mode != "sequential" or self.method == "e2e" or self.backend != "torch":
+                problems.append("--laps applies to sequential module-wise training with the "
+                                "torch backend: use it with --mode sequential, --method trgl or "
+                                "vanilla, --backend torch.")
+            if self.epochs >= 1 and self.epochs % self.laps:
+                problems.append(f"--epochs {self.epochs} must be a multiple of --laps "
+                                f"{self.laps}: each lap trains every module epochs/laps epochs.")
+        if self.cache_views > max(self.epochs, 1) and self.epochs >= 1:
+            problems.append(f"--cache-views {self.cache_views} is more than --epochs "
+                            f"{self.epochs}: epoch e reads view e mod N, so only {self.epochs} "
+                            "would ever be read. Use at most --epochs views.")
         # Written as `not (low <= x < high)` so that NaN, which fails every comparison, is
         # refused too.
         if not 0 < self.lr < math.inf:
@@ -161,6 +218,14 @@ class FitConfig:
         if not 0 <= self.weight_decay < math.inf:
             problems.append("--weight-decay must be zero or a positive, finite number, e.g. 5e-4 "
                             f"(got {self.weight_decay}).")
+        unknown = [c for c in self.allow_changes if c not in RESUME_CHANGEABLE]
+        if unknown:
+            problems.append(
+                f"--allow-changes {','.join(unknown)}: not a setting --resume may change; "
+                f"choose among {', '.join(_flag(c)[2:] for c in RESUME_CHANGEABLE)}.")
+        if self.allow_changes and not self.resume:
+            problems.append("--allow-changes only applies with --resume (it lets a resumed run "
+                            "continue with some new settings); add --resume or drop it.")
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite contradict each other: --resume continues "
                             "the run in --out, --overwrite replaces it. Choose one.")
@@ -215,28 +280,107 @@ class FitConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> FitConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        for key in ("data_dir", "out"):
-            if data.get(key) is not None:
-                data[key] = Path(data[key])
-        if data.get("tau") == "inf":
-            data["tau"] = math.inf
-        if "widths" in data:
-            data["widths"] = tuple(data["widths"])
-        return cls(**data)
+    def from_dict(cls, data: dict, source: str = "config.json") -> FitConfig:
+        """The config stored in a run folder, every field type-checked; keys this version does
+        not know are ignored. RecordError names the file and the field."""
+        from edgetrain.records import Fields, RecordError
 
-    # Fields that may differ between a run and its resumption: they change how, not what, it
-    # computes (or, for the budget, are re-planned on resume).
-    RESUME_FREE = ("resume", "overwrite", "threads", "out", "data_dir", "download",
-                   "memory_budget", "memory_budget_text", "extra", "eval_every_epoch")
+        f = Fields(data, source)
+        hints = typing.get_type_hints(cls)
+        values: dict = {}
+        for fld in dataclasses.fields(cls):
+            if fld.name not in data:
+                continue  # a field added after the run was written: its default
+            hint, value = hints[fld.name], data[fld.name]
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            optional = union and type(None) in typing.get_args(hint)
+            base = (next(a for a in typing.get_args(hint) if a is not type(None)) if union
+                    else hint)
+            if value is None and optional:
+                values[fld.name] = None
+            elif base is bool:
+                values[fld.name] = f.bool(fld.name)
+            elif base is int:
+                values[fld.name] = f.int(fld.name)
+            elif base is float:
+                values[fld.name] = f.float(fld.name, allow_inf=True)
+            elif base is str:
+                values[fld.name] = f.str(fld.name)
+            elif base is Path:
+                values[fld.name] = Path(f.str(fld.name))
+            elif base is dict:
+                values[fld.name] = f.object(fld.name).data
+            elif typing.get_origin(base) is tuple:
+                item = typing.get_args(base)[0]
+                items = f.list(fld.name)
+                if not all(isinstance(v, item) and not isinstance(v, bool) for v in items):
+                    raise RecordError(f"{source}: field {fld.name!r} must be a list of "
+                                      f"{item.__name__} values (found {items!r:.60}).")
+                values[fld.name] = tuple(items)
+            else:  # an internal invariant: every field type above is handled
+                raise TypeError(f"FitConfig.{fld.name}: no reader for {hint}")
+        return cls(**values)
 
-    def resume_conflicts(self, stored: FitConfig) -> list[str]:
-        """The flags whose values differ from those of the run being resumed."""
+    def resume_differences(self, stored: FitConfig) -> dict[str, tuple]:
+        """``{field: (stored value, value now)}`` for every result-changing field that differs
+        from the run being resumed (RESUME_FREE fields may differ freely)."""
         mine, theirs = self.to_dict(), stored.to_dict()
-        return [f"--{k.replace('_', '-')} {theirs.get(k)!r} (now {v!r})"
-                for k, v in mine.items() if k not in self.RESUME_FREE and theirs.get(k) != v]
+        return {k: (theirs.get(k), v) for k, v in mine.items()
+                if k not in RESUME_FREE and theirs.get(k) != v}
+
+    def resume_problem(self, stored: FitConfig, out: Path,
+                       resolved: dict[str, tuple] | None = None) -> str | None:
+        """Why this config cannot resume the run ``stored``, or None.
+
+        ``resolved`` adds differences of what the flags resolved to (``threads`` and
+        ``device``: ``--device auto`` on a machine without a GPU is ``cpu``; the thread count
+        changes the order of floating-point sums on the CPU). A difference in a
+        RESUME_CHANGEABLE field is accepted only if ``allow_changes`` names it: the finished
+        modules are kept and the rest trains with the new value.
+        """
+        differences = {**self.resume_differences(stored), **(resolved or {})}
+        # The budget travels as bytes and as the user's text: one setting.
+        differences.pop("memory_budget_text", None)
+        refused = {k: d for k, d in differences.items() if k not in self.allow_changes}
+        if not refused:
+            return None
+        listed = "; ".join(f"{_flag(k)} {old!r} (now {new!r})"
+                           for k, (old, new) in refused.items())
+        fixed = [k for k in refused if k not in RESUME_CHANGEABLE]
+        text = (f"--resume: the run in {out} was started with different settings: {listed}. ")
+        if fixed:
+            return text + ("Resume with the run's own flags, or start a new run in another "
+                           "--out.")
+        names = ",".join(_flag(k)[2:] for k in refused)
+        return text + (f"Resume with the run's own flags, or, to keep its finished modules and "
+                       f"train the rest with the new values, add --allow-changes {names}.")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _flag(name: str) -> str:
+    """The CLI flag of a config field.
+
+    >>> _flag("cache_dtype")
+    '--cache-dtype'
+    """
+    return "--" + name.replace("_", "-")
+
+
+RESUME_FREE = frozenset({"resume", "overwrite", "out", "download", "extra", "eval_every_epoch",
+                         "allow_changes", "threads", "device"})
+"""Fields that may differ between a run and its resumption: they do not change what the run
+computes (``threads`` and ``device`` are compared as resolved, see resume_problem)."""
+RESUME_CHANGEABLE: dict[str, bool] = {
+    # field: whether the module in progress starts again (its epoch checkpoint was made under
+    # the old value of an optimisation setting); False: it continues from its checkpoint.
+    "lr": True, "lr_schedule": True, "momentum": True, "weight_decay": True,
+    "label_smoothing": True, "epochs": True, "batch_size": True, "tau": True,
+    "tau_schedule": True, "cache_views": True, "backend": True,
+    "cache": False, "cache_dtype": False, "activation_checkpointing": False,
+    "memory_budget": False, "threads": False, "device": False, "data_dir": False,
+}
+"""Fields that --resume --allow-changes may change for the modules not finished yet: what a
+user changes to get past a failure (a diverged module: --lr; a full disk: --cache-dtype or
+--cache none; a smaller device: --memory-budget) without losing the finished modules."""

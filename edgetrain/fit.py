@@ -6,21 +6,26 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 
 import torch
 
-from edgetrain.config import FitConfig
+from edgetrain.config import RESUME_CHANGEABLE, FitConfig
 from edgetrain.data import load_dataset
+from edgetrain.data.fingerprint import data_fingerprint
 from edgetrain.errors import UserInputError
 from edgetrain.memory import allocator
 from edgetrain.memory.meter import MemoryMeter, current_rss_bytes
 from edgetrain.memory.planner import MemoryPlan, make_plan
 from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import split_network
-from edgetrain.runs.files import save_weights, write_json_atomic
+from edgetrain.records import Fields, RecordError, read_json_object
+from edgetrain.runs.files import write_json_atomic
 from edgetrain.runs.progress import ProgressBars
-from edgetrain.runs.rundir import RunDir, check_run_dir, open_for_resume, prepare_run_dir
+from edgetrain.runs.rundir import RunDir, check_new_run, claim_new_run, open_for_resume
+from edgetrain.runs.weights import RUN_ID_KEY, save_weights, weights_problem
 from edgetrain.training import scheduler
+from edgetrain.units import format_bytes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,6 +47,9 @@ def fit(config: FitConfig, progress: bool = False,
     With a memory budget, the planner probes every phase first and either fits it into the
     budget (``on_plan`` sees the plan before training starts) or raises BudgetError; the guard
     then compares each phase's measured peak with the budget (``report["budget_exceeded"]``).
+
+    The run folder is locked (runs/lock.py) from before the first write (or, with
+    ``--resume``, the first read) until this returns: a second process gets a clear error.
     """
     config = config.validate().resolved()
     device = resolve_device(config.device)
@@ -54,51 +62,77 @@ def fit(config: FitConfig, progress: bool = False,
     framework_bytes = current_rss_bytes()
     if config.threads:
         torch.set_num_threads(config.threads)
+    with ExitStack() as held:
+        return _fit(config, device, framework_bytes, alloc, progress, on_plan, held)
+
+
+def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
+         alloc: allocator.AllocatorState, progress: bool, on_plan, held: ExitStack) -> dict:
+    resolved = {"threads": torch.get_num_threads() if device.type == "cpu" else None,
+                "device": device.type}
+    stored: FitConfig | None = None
+    run = RunDir(config.out)  # with the run id once claimed (new) or opened (--resume)
+    if config.resume:
+        # Locked before anything of the run is read: nobody else writes it from here on.
+        run, lock, marker = open_for_resume(config.out)
+        held.callback(lock.release)
+        stored, stored_resolved = _read_stored_config(run)
+        scheduler.finished_module_records(run, stored.modules)  # the log, checked before use
+        changed = {k: (stored_resolved.get(k), v) for k, v in resolved.items()
+                   if stored_resolved.get(k) not in (None, v)}
+        if problem := config.resume_problem(stored, config.out, changed):
+            raise UserInputError(problem)
+    else:
+        # Refuse an occupied --out before spending time on data and probes; the folder is
+        # claimed (locked, checked again, written) after them.
+        check_new_run(config.out, config.overwrite)
     data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size,
                         config.train_limit, config.test_limit, config.seed)
-    spec = resnet_spec(config.model, data.info.in_channels, config.widths)
+    resolved["data_fingerprint"] = data_fingerprint(data)
+    if stored is not None and stored_resolved.get("data_fingerprint") != \
+            resolved["data_fingerprint"]:
+        raise UserInputError(
+            f"--resume: the data read now is not the data the run in {config.out} was trained "
+            f"on (dataset {config.dataset}, --data-dir {config.data_dir or 'default'}: its "
+            "fingerprint differs). Point --data-dir at the run's own data, or start a new run "
+            "in another --out.")
+    spec = resnet_spec(config.model, data.info.in_channels, config.widths, config.shortcut)
     plans = split_network(spec, config.modules, data.info.image_size, config.split)
-    if config.resume:
-        previous = open_for_resume(config.out)
-        stored = FitConfig.from_dict(json.loads(previous.config_path.read_text()))
-        conflicts = config.resume_conflicts(stored)
-        if conflicts:
-            raise UserInputError(
-                f"--resume: the run in {config.out} was started with different settings: "
-                + "; ".join(conflicts) + ". Resume with the run's own flags, or start a new "
-                "run in another --out."
-            )
-        if previous.report_path.exists():
-            return previous.read_report()  # finished already: nothing to redo
-    else:
-        # Refuse an occupied --out before spending time on probes; the folder is written after.
-        check_run_dir(config.out, config.overwrite)
+    if problem := size_problem(config, spec, data.info, device):
+        raise UserInputError(problem)
     meter = MemoryMeter(device)
     ctx = scheduler.Context(config, data, spec, plans, scheduler.tau_for(config), device,
-                            RunDir(config.out), meter, ProgressBars(progress))
+                            run, meter, ProgressBars(progress))
+    if stored is not None:
+        report = _finished_report(ctx)
+        if report is not None:
+            return report  # finished already, outputs intact: nothing to redo
     if config.memory_budget is not None:
-        from edgetrain.training.probes import phases
-
-        # Before anything is written: a budget that cannot be met leaves no run folder behind.
-        ctx.memory_plan = make_plan(phases(ctx), config.batch_size, config.memory_budget, meter,
-                                    framework_bytes=framework_bytes,
-                                    budget_text=config.memory_budget_text)
+        ctx.memory_plan = _memory_plan(ctx, stored, framework_bytes)
         if on_plan is not None:
             on_plan(ctx.memory_plan)
-    run = ctx.run = (RunDir(config.out) if config.resume else
-                     prepare_run_dir(config.out, config.to_json(), config.overwrite))
+    config_json = json.dumps({**config.to_dict(), "resolved": resolved}, indent=2,
+                             sort_keys=True)
+    if stored is None:
+        # Only now is anything written: a budget that cannot be met leaves no run folder.
+        run, lock, marker = claim_new_run(config.out, config.overwrite, config_json)
+        held.callback(lock.release)
+    else:
+        _record_changes(run, stored, config, config_json)
+    ctx.run = run
     write_json_atomic(run.model_info_path, {
         "architecture": "cifar-resnet", "model": config.model, "widths": list(config.widths),
+        "shortcut": config.shortcut,
         "in_channels": data.info.in_channels, "num_classes": data.info.num_classes,
         "image_size": data.info.image_size, "mean": list(data.info.mean),
         "std": list(data.info.std), "dataset": data.info.name,
         "modules": [[p.start, p.stop] for p in plans],
     })
-    run.log("resume" if config.resume else "start", device=str(device),
+    run.log("resume" if config.resume else "start", device=str(device), run_id=marker.run_id,
             memory_backend=meter.backend, framework_baseline_bytes=framework_bytes,
             allocator=alloc.as_dict())
     if ctx.memory_plan is not None:
-        write_json_atomic(run.root / "plan.json", ctx.memory_plan.as_dict())
+        write_json_atomic(run.plan_path, ctx.memory_plan.as_dict())
         run.log("plan", **ctx.memory_plan.as_dict())
 
     start = time.perf_counter()
@@ -110,13 +144,18 @@ def fit(config: FitConfig, progress: bool = False,
                 **{k: getattr(e, k) for k in ("module", "epoch", "step") if hasattr(e, k)})
         raise
     wall = time.perf_counter() - start
-    save_weights(run.model_path, network.state_dict(), {"format": "edgetrain-stitched-v1"})
+    save_weights(run.model_path, network.state_dict(),
+                 {"format": "edgetrain-stitched-v1", RUN_ID_KEY: run.run_id})
 
     cache_peaks = [m["cache_peak_memory_bytes"] for m in modules
                    if m.get("cache_peak_memory_bytes") is not None]
     phases_report = guard(ctx, modules, train_peak, eval_peak)
     report = {
+        "run_id": marker.run_id,
         "test_accuracy": accuracy,
+        # The honest headline is test_accuracy (the stitched network after its last epoch, on
+        # the whole test set); these two stand beside it to compare with other reports.
+        "accuracy_metrics": accuracy_metrics(run, accuracy),
         "modules": modules,
         "wall_time_s": round(wall, 3),
         "peak_memory_bytes": max([train_peak, eval_peak, *cache_peaks]),
@@ -141,15 +180,155 @@ def fit(config: FitConfig, progress: bool = False,
         "activation_checkpointing": config.activation_checkpointing,
         "cache_dtype": config.cache_dtype, "cache_views": config.cache_views,
         "dataset": config.dataset, "model": config.model, "num_modules": config.modules,
-        "epochs": config.epochs, "batch_size": config.batch_size, "seed": config.seed,
+        "epochs": config.epochs, "laps": config.laps, "batch_size": config.batch_size,
+        "seed": config.seed, "lr_schedule": config.lr_schedule,
         "num_parameters": sum(p.numel() for p in network.parameters()),
         "train_samples": len(data.train), "test_samples": len(data.test),
         "device": str(device), "device_name": _device_name(device),
         "torch_version": torch.__version__,
     }
     run.write_report(report)
+    # The report marks the run finished (a --resume returns it), so the last epoch
+    # checkpoint is dead weight now; only edgetrain's own checkpoint files are removed.
+    run.remove("checkpoints")
     run.log("done", test_accuracy=accuracy, wall_time_s=report["wall_time_s"])
     return report
+
+
+def accuracy_metrics(run: RunDir, final: float) -> dict:
+    """The run's accuracy three ways, from its epoch log.
+
+    ``last_epoch``: the stitched network after training, whole test set (the headline).
+    ``train_last_epoch``: that head's training accuracy over its last epoch (near 1: it fits
+    the training set, where a regulariser can help).
+    ``mean_last_3_epochs``: the classifier head (the last module's, or the network's) over its
+    last three evaluated epochs, whole test set: less noisy than one epoch.
+    ``best_over_epochs_and_modules_half``: the largest accuracy any head reached after any
+    epoch, on a fixed random half of the test set: the authors' metric (it selects on the test
+    data, so it reads high; shown for comparison with the paper only).
+    """
+    epochs = [e for e in run.read_metrics() if e["event"] == "epoch"]
+    last_module = max((e["module"] for e in epochs if e.get("module") is not None),
+                      default=None)
+    final_head = [e["test_accuracy"] for e in epochs if e.get("module") == last_module
+                  and isinstance(e.get("test_accuracy"), (int, float))]
+    halves = [e["test_accuracy_half"] for e in epochs
+              if isinstance(e.get("test_accuracy_half"), (int, float))]
+    tail = final_head[-3:]
+    train = [e.get("train_accuracy") for e in epochs if e.get("module") == last_module]
+    return {"last_epoch": final,
+            "train_last_epoch": train[-1] if train else None,
+            "mean_last_3_epochs": sum(tail) / len(tail) if tail else None,
+            "best_over_epochs_and_modules_half": max(halves) if halves else None}
+
+
+def size_problem(config: FitConfig, spec, info, device: torch.device) -> str | None:
+    """Why the network or a batch cannot possibly fit this machine, or None; nothing is
+    allocated to find out. Weights, gradients and momentum take three copies of the
+    parameters; one input batch is batch x C x H x W floats. (The planner measures the real
+    need under --memory-budget; this only stops sizes that would end in the OOM killer.)"""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        import psutil
+
+        total = psutil.virtual_memory().total
+    weights = 3 * 4 * spec.parameter_count()
+    batch = 4 * config.batch_size * info.in_channels * info.image_size ** 2
+    if weights > total:
+        return (f"--model {config.model} --widths {','.join(map(str, config.widths))} has "
+                f"{spec.parameter_count():,} parameters: with gradients and momentum "
+                f"{format_bytes(weights)}, more than this machine's {format_bytes(total)}. "
+                "Choose narrower --widths or a smaller --model.")
+    if batch > total:
+        return (f"--batch-size {config.batch_size} at {info.image_size}x{info.image_size} px "
+                f"needs {format_bytes(batch)} for one input batch alone, more than this "
+                f"machine's {format_bytes(total)}. Choose a smaller --batch-size.")
+    return None
+
+
+def _read_stored_config(run: RunDir) -> tuple[FitConfig, dict]:
+    """The resumed run's config and what its flags resolved to, both checked."""
+    data = read_json_object(run.config_path)
+    stored = FitConfig.from_dict(data, str(run.config_path))
+    resolved = Fields(data, run.config_path).object("resolved", optional=True)
+    if resolved is None:
+        return stored, {}
+    return stored, {"threads": resolved.int("threads", low=1, optional=True),
+                    "device": resolved.str("device", choices=("cpu", "cuda")),
+                    "data_fingerprint": resolved.str("data_fingerprint")}
+
+
+def _record_changes(run: RunDir, stored: FitConfig, config: FitConfig, config_json: str) -> None:
+    """A resumption with --allow-changes: config.json takes the new values and keeps the
+    history; the module in progress starts again if an optimisation setting changed."""
+    changes = {k: v for k, v in config.resume_differences(stored).items()
+               if k != "memory_budget_text"}
+    if not changes:
+        return
+    history = read_json_object(run.config_path).get("resume_changes", [])
+    done = sorted(scheduler.finished_module_indices(run))
+    history = [*(history if isinstance(history, list) else []),
+               {"time": round(time.time(), 3), "finished_modules": done,
+                "changed": {k: list(v) for k, v in changes.items()}}]
+    data = json.loads(config_json)
+    data["resume_changes"] = history
+    write_json_atomic(run.config_path, data)
+    restart = [k for k in changes if RESUME_CHANGEABLE.get(k)]
+    run.log("resume_changes", changed={k: list(v) for k, v in changes.items()},
+            finished_modules=done, restarts_module_in_progress=bool(restart))
+    if restart:
+        # Its epoch checkpoint was made under the old value (the diverged lr, say): the module
+        # in progress trains again from the start; finished modules stay as they are.
+        run.remove("checkpoints")
+
+
+def _finished_report(ctx: scheduler.Context) -> dict | None:
+    """The report of a finished run whose outputs are all there and intact; None if the run
+    is not finished, or if an output is missing or damaged (then the report is withdrawn, so
+    the resumption rebuilds what is needed)."""
+    run = ctx.run
+    if not run.report_path.exists():
+        return None
+    from edgetrain.runs.model import ModelInfo
+
+    problems = [p for p in [weights_problem(run.model_path, run.run_id, ctx.network_shapes())]
+                if p]
+    if ctx.config.method != "e2e":
+        problems += [p for k in range(len(ctx.plans))
+                     if (p := weights_problem(run.module_path(k), run.run_id,
+                                              ctx.module_shapes(k)))]
+    try:
+        ModelInfo.read(run.model_info_path)
+        report = run.read_report(complete=True)
+        if report.get("run_id") != run.run_id:
+            problems.append(f"{run.report_path} is the report of another run (run id "
+                            f"{report.get('run_id')}; this run's is {run.run_id})")
+    except RecordError as e:
+        problems.append(str(e))
+    if not problems:
+        return report
+    run.log("outputs_damaged", problems=problems)
+    run.report_path.unlink()
+    return None
+
+
+def _memory_plan(ctx: scheduler.Context, stored: FitConfig | None,
+                 framework_bytes: int) -> MemoryPlan:
+    """The plan of a resumed run as it was made (plan.json), unless the budget changed or the
+    file is damaged; otherwise the planner probes every phase now."""
+    config = ctx.config
+    if stored is not None and stored.memory_budget == config.memory_budget and \
+            stored.batch_size == config.batch_size:
+        phases = 1 if config.method == "e2e" or config.mode == "parallel" else len(ctx.plans)
+        try:
+            return MemoryPlan.read(ctx.run.plan_path, phases, config.batch_size)
+        except RecordError as e:
+            ctx.run.log("plan_remade", reason=str(e))
+    from edgetrain.training.probes import phases
+
+    return make_plan(phases(ctx), config.batch_size, config.memory_budget, ctx.meter,
+                     framework_bytes=framework_bytes, budget_text=config.memory_budget_text)
 
 
 def _train(ctx: scheduler.Context):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgetrain.memory.planner import MemoryPlan
@@ -23,7 +24,7 @@ def print_plan(plan: MemoryPlan, console: Console) -> None:
                       "yes" if p.checkpointing else "no", format_bytes(p.fixed_bytes),
                       format_bytes(p.per_sample_bytes), format_bytes(p.predicted_peak_bytes))
     console.print(table)
-    console.print(f"measured with: {plan.meter}")
+    console.print(f"measured with: {escape(plan.meter)}")
 
 
 def print_report(report: dict, out: Path, console: Console) -> None:
@@ -51,8 +52,16 @@ def print_report(report: dict, out: Path, console: Console) -> None:
         console.print(guard)
     console.print(f"test accuracy (stitched network, raw test set): "
                   f"[bold]{report['test_accuracy']:.2%}[/bold]")
+    metrics = report.get("accuracy_metrics") or {}
+    if metrics.get("mean_last_3_epochs") is not None:
+        best = metrics.get("best_over_epochs_and_modules_half")
+        console.print(f"  mean of the last 3 epochs {metrics['mean_last_3_epochs']:.2%}"
+                      + (f"; best over epochs and modules on a random test half (the paper's "
+                         f"metric, selected on test data) {best:.2%}" if best is not None
+                         else ""))
     console.print(f"wall time: {report['wall_time_s']:.1f} s   peak memory: "
-                  f"{format_bytes(report['peak_memory_bytes'])} ({report['memory_measured']}); "
+                  f"{format_bytes(report['peak_memory_bytes'])} "
+                  f"({escape(report['memory_measured'])}); "
                   f"framework baseline {format_bytes(report['framework_baseline_bytes'])}")
     alloc = report.get("allocator")
     if alloc and alloc["note"]:
@@ -60,5 +69,6 @@ def print_report(report: dict, out: Path, console: Console) -> None:
     if report.get("device_profile"):
         note = (" (simulated: the profile's budget enforced on this machine)"
                 if report.get("simulated") else "")
-        console.print(f"device profile: {report['device_profile']}{note}")
-    console.print(f"run folder: {out}")
+        console.print(f"device profile: {escape(report['device_profile'])}{note}")
+    # Paths and record text are printed as written, never read as markup ("[/]" would raise).
+    console.print(f"run folder: {escape(str(out))}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import random
 import re
 import shutil
@@ -24,7 +25,7 @@ from typer.testing import CliRunner
 import edgetrain.fit
 from edgetrain.cli import app
 from edgetrain.models.resnet import resnet_spec
-from edgetrain.runs.files import load_weights
+from edgetrain.runs.weights import load_weights
 
 TINY = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "2", "--epochs", "1",
         "--train-limit", "200", "--test-limit", "100", "--batch-size", "50", "--lr", "0.1",
@@ -278,22 +279,39 @@ def test_disk_fills_while_caching(tmp_path, monkeypatch):
     assert _module_1_kept(out)
 
 
-def test_non_finite_loss_in_module_2_keeps_module_1(tmp_path):
-    """With --lr 1e6, module 1's loss grows huge but stays finite for its 4 steps; module 2's
-    input is then so large that its first loss is NaN."""
+def test_diverged_module_2_keeps_module_1_and_resumes_with_a_smaller_lr(tmp_path):
+    """At --lr 100 module 1 trains (badly) but stays finite; module 2's BatchNorm statistics
+    overflow although its loss stays finite. Nothing diverged is saved; module 1 is kept, and
+    the documented way on (--resume --lr SMALLER --allow-changes lr) finishes the run."""
     out = tmp_path / "run"
-    message = assert_clean(invoke("fit", *TINY, "--out", str(out), "--lr", "1e6"), 3,
-                           "module 2", "step 1", "smaller --lr")
-    assert re.search(r"became (nan|inf)", message)
+    message = assert_clean(invoke("fit", *TINY, "--out", str(out), "--lr", "100"), 3,
+                           "module 2", "epoch 1", "--resume --lr SMALLER --allow-changes lr")
+    assert "NaN or infinite" in message
+    kept = (out / "modules" / "module_0.safetensors").read_bytes()
     assert set(load_weights(out / "modules" / "module_0.safetensors"))  # module 1 is kept
     assert not (out / "modules" / "module_1.safetensors").exists()
     assert not (out / "report.json").exists()
+    assert not list((out / "checkpoints").glob("1.*")), "a diverged state was checkpointed"
+    stopped = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if '"stopped"' in line]
+    assert stopped[-1]["module"] == 1 and stopped[-1]["epoch"] == 0
+    # Without --allow-changes the new --lr is refused, and the refusal names the way out.
+    assert_clean(invoke("fit", *TINY, "--out", str(out), "--lr", "0.1", "--resume"), 2,
+                 "--lr 100.0 (now 0.1)", "--allow-changes lr")
+    result = invoke("fit", *TINY, "--out", str(out), "--lr", "0.1", "--resume",
+                    "--allow-changes", "lr")
+    assert result.exit_code == 0, result.output
+    assert (out / "modules" / "module_0.safetensors").read_bytes() == kept
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == 0.1
+    assert config["resume_changes"][-1]["changed"] == {"lr": [100.0, 0.1]}
+    assert config["resume_changes"][-1]["finished_modules"] == [0]
 
 
 def test_non_finite_loss_in_module_1(tmp_path):
     out = tmp_path / "run"
     assert_clean(invoke("fit", *TINY, "--out", str(out), "--lr", "1e30"), 3,
-                 "module 1", "step", "smaller --lr")
+                 "module 1", "step", "--lr SMALLER")
     assert not (out / "modules" / "module_0.safetensors").exists()
 
 
@@ -387,25 +405,43 @@ FIT_OPTIONS = ["--memory-budget", "--dataset", "--data-dir", "--image-size", "--
                "--mode", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay",
                "--label-smoothing", "--tau", "--tau-schedule", "--cache", "--cache-dtype",
                "--cache-views", "--backend", "--device", "--seed", "--threads", "--out",
-               "--device-profile"]
-FIT_FLAGS = ["--download", "--overwrite", "--activation-checkpointing", "--no-progress"]
+               "--device-profile", "--allow-changes"]
+FIT_FLAGS = ["--download", "--overwrite", "--resume", "--activation-checkpointing",
+             "--no-progress"]
 
 
 class Fuzz:
-    """Runs cases, checks each ended cleanly, and tallies how."""
+    """Runs cases, checks each ended cleanly, and tallies how.
 
-    def __init__(self, monkeypatch):
+    Every `fit` case gets a fresh --out (unless it names its own), so that each one goes
+    through the real run-folder code (check, lock, claim) and, with a budget, the real planner,
+    up to the first training step. A folder of the user's own (``precious``) stands beside
+    them, named as --out by some cases: it must come out of every test untouched.
+    """
+
+    def __init__(self, monkeypatch, root: Path):
         self.outcomes: Counter[str] = Counter()
         self.threads = torch.get_num_threads()
         self.monkeypatch = monkeypatch
+        self.root = root
+        self.cases = 0
+        self.precious = root / "precious"
+        for name, text in PRECIOUS.items():
+            (self.precious / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.precious / name).write_text(text)
+        self.before = snapshot(self.precious)
 
     def __call__(self, *args: str) -> None:
+        self.cases += 1
+        if args[0] == "fit" and "--out" not in args:
+            args = (*args, "--out", f"runs/case_{self.cases}")
         result = invoke(*args)
         torch.set_num_threads(self.threads)  # a valid --threads changes it for the process
         case = f"{[a[:40] for a in args]}: {result.output[-2000:]}"
         assert "Traceback" not in result.output, case
+        assert snapshot(self.precious) == self.before, f"user files changed by {case}"
         if isinstance(result.exception, WouldRun):
-            self.outcomes["accepted (stopped before the expensive part)"] += 1
+            self.outcomes["accepted (stopped where the expensive part starts)"] += 1
             return
         assert result.exception is None or isinstance(result.exception, SystemExit), case
         assert result.exit_code in (0, 2, 5), case
@@ -422,16 +458,23 @@ class Fuzz:
                   + ", ".join(f"{n} {how}" for how, n in sorted(self.outcomes.items())))
 
 
+PRECIOUS = {"config.json": "{}", "artifacts.json": "{}", "src/main.py": "code",
+            ".git/HEAD": "ref: refs/heads/main", "modules/module_0.safetensors": "mine",
+            "report.json": '{"test_accuracy": 1.0}', "edgetrain-run.json": "not a marker"}
+"""A user's folder holding files named like edgetrain's, the marker included (garbage)."""
+
+
 @pytest.fixture
 def fuzz(monkeypatch, tmp_path):
     # Nothing a fuzz case does may land in the repository, whatever --out it names.
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(edgetrain.fit, "prepare_run_dir", _would_run)
-    monkeypatch.setattr(edgetrain.fit, "make_plan", _would_run)
+    # The expensive parts are cut off where they start: `fit` runs its real checks, data
+    # loading, run-folder claim and planner, and stops at the first training step.
+    monkeypatch.setattr(edgetrain.fit, "_train", _would_run)
     monkeypatch.setattr("edgetrain.memory.profile.run_variant", _would_run)
     monkeypatch.setattr("edgetrain.bench.run_bench", _would_run)
     monkeypatch.setattr("edgetrain.onnx.export.export_inference", _would_run)
-    return Fuzz(monkeypatch)
+    return Fuzz(monkeypatch, tmp_path)
 
 
 def test_fuzz_fit(fuzz, capsys):
@@ -448,6 +491,12 @@ def test_fuzz_fit(fuzz, capsys):
         for option in rng.sample(FIT_OPTIONS, 3):
             args += [option, rng.choice(MALFORMED + _random_values(rng, 1))]
         fuzz("fit", *TINY, *args)
+    # The user's folder, its parts and the places --overwrite must never replace, with every
+    # way of asking: nothing of theirs may change (checked after each case).
+    for out in ["precious", "precious/src", "precious/modules", "precious/.git", ".", "..",
+                str(Path.home()), "/"]:
+        for flags in ([], ["--overwrite"], ["--resume"], ["--resume", "--allow-changes", "lr"]):
+            fuzz("fit", *TINY, "--out", out, *flags)
     fuzz.report("edgetrain fit", capsys)
 
 
@@ -456,7 +505,8 @@ def test_fuzz_profile(fuzz, capsys):
     base = ["profile", "--model", "resnet8", "--widths", "8,16,16", "--dataset",
             "fashion-mnist-mini", "--out", "profile"]
     for option in ["--model", "--widths", "--dataset", "--data-dir", "--batch-size", "--modules",
-                   "--split", "--steps", "--device", "--threads", "--only", "--out"]:
+                   "--split", "--steps", "--transport-form", "--device", "--threads", "--only",
+                   "--out"]:
         for value in MALFORMED + _random_values(rng, 2):
             fuzz(*base, option, value)
     fuzz.report("edgetrain profile", capsys)

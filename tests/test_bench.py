@@ -141,6 +141,16 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path):
     assert result.exit_code == 2 and "--only" in result.output
 
 
+def write_fake_run(out: Path, report: dict) -> None:
+    """What a finished `edgetrain fit` leaves for the bench: a marked run folder whose
+    report.json carries the marker's run id."""
+    from edgetrain.runs.ownership import RUN_KIND, write_marker
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker = write_marker(out, RUN_KIND)
+    (out / "report.json").write_text(json.dumps({**report, "run_id": marker.run_id}))
+
+
 def fake_report(accuracy: float) -> dict:
     return {"test_accuracy": accuracy, "peak_memory_bytes": 700 * MiB,
             "training_memory_bytes": 80 * MiB, "framework_baseline_bytes": 620 * MiB,
@@ -158,7 +168,7 @@ def test_failed_run_is_recorded_the_grid_goes_on_and_a_rerun_retries_it(tmp_path
         if "vanilla" in str(out) and len(calls) < 3:
             return subprocess.CompletedProcess(cmd, 2, "", "error: --data-dir has no files\n")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(fake_report(0.5 + len(calls) / 100)))
+        write_fake_run(out, fake_report(0.5 + len(calls) / 100))
         return subprocess.CompletedProcess(cmd, 0, "test accuracy 50%", "")
 
     monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=fake_run))
@@ -191,7 +201,7 @@ def test_over_budget_and_does_not_fit_are_results_not_failures(tmp_path, monkeyp
             return subprocess.CompletedProcess(cmd, 5, "", "error: --memory-budget 3.2GB (2.98 "
                                                "GiB) is too small: module 1 needs at least 4 GiB")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(fake_report(0.6)))
+        write_fake_run(out, fake_report(0.6))
         return subprocess.CompletedProcess(cmd, 4, "", "error: the measured peak memory "
                                            "exceeded --memory-budget")
 
@@ -218,7 +228,7 @@ def test_a_report_that_contradicts_the_flags_fails_the_run(tmp_path, monkeypatch
         out.mkdir(parents=True, exist_ok=True)
         report = {**fake_report(0.8), "method": "e2e", "num_modules": 1,
                   "activation_checkpointing": False}
-        (out / "report.json").write_text(json.dumps(report))
+        write_fake_run(out, report)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=fake_run))
@@ -336,3 +346,46 @@ def test_smoke_preset_end_to_end_and_resume(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert result.output.count("done before, skipped") == 5
     assert (out / "results.jsonl").read_text() == before
+
+
+def test_grid_vary_and_tag_expand_and_label_runs(tmp_path):
+    """`vary` multiplies a block's runs; tau varies TRGL only (vanilla ignores it); `tag` and
+    the varied values are in the labels, so --only can pick them."""
+    from edgetrain.bench.grid import expand, parse_preset
+
+    preset = parse_preset({
+        "name": "x", "description": "d", "estimate": "e", "fit": {"epochs": 1},
+        "grid": [{"tag": "authors", "methods": ["e2e", "vanilla", "trgl"], "modules": [2],
+                  "modes": ["parallel"], "vary": {"seed": [0, 1], "tau": [0.5, 2.0]}}]},
+        tmp_path / "x.toml")
+    runs = expand(preset)
+    labels = [r.label for r in runs]
+    assert labels == [
+        "fashion-mnist-mini-authors-e2e-seed0", "fashion-mnist-mini-authors-e2e-seed1",
+        "fashion-mnist-mini-authors-vanilla-K2-par-seed0",
+        "fashion-mnist-mini-authors-vanilla-K2-par-seed1",
+        "fashion-mnist-mini-authors-trgl-K2-par-seed0-tau0.5",
+        "fashion-mnist-mini-authors-trgl-K2-par-seed0-tau2.0",
+        "fashion-mnist-mini-authors-trgl-K2-par-seed1-tau0.5",
+        "fashion-mnist-mini-authors-trgl-K2-par-seed1-tau2.0"]
+    assert all("tau" not in r.fit for r in runs if r.method != "trgl")
+    with pytest.raises(UserInputError, match="vary: tau must be a non-empty list"):
+        parse_preset({"name": "x", "description": "d", "estimate": "e",
+                      "grid": [{"methods": ["trgl"], "vary": {"tau": 3}}]}, tmp_path / "x.toml")
+
+
+def test_fidelity_pairs_trgl_with_vanilla_by_seed():
+    from edgetrain.bench.fidelity import paired_gaps
+
+    def line(method, seed, acc, tau=None):
+        config = {"seed": seed, "method": method, "modules": 4, **({"tau": tau} if tau else {})}
+        return {"method": method, "config": config, "test_accuracy": acc,
+                "train_accuracy": 0.99}
+
+    results = [line("vanilla", 0, 0.80), line("vanilla", 1, 0.82), line("vanilla", 2, 0.81),
+               line("trgl", 0, 0.83, 1.0), line("trgl", 1, 0.84, 1.0), line("trgl", 2, 0.83, 1.0),
+               line("trgl", 0, 0.79, 9.0), line("trgl", 1, 0.83, 9.0)]
+    gaps = {g.cell["tau"]: g for g in paired_gaps(results)}
+    assert gaps[1.0].differences == pytest.approx((3.0, 2.0, 2.0))
+    assert gaps[1.0].beyond_spread is True
+    assert gaps[9.0].seeds == (0, 1) and gaps[9.0].beyond_spread is False

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from edgetrain.cli import app
-from edgetrain.runs.files import load_weights
+from edgetrain.runs.weights import load_weights
 
 TINY = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "2", "--epochs", "2",
         "--train-limit", "600", "--test-limit", "300", "--batch-size", "64", "--lr", "0.1",

@@ -11,7 +11,7 @@ from edgetrain.errors import UserInputError
 from edgetrain.memory.breakdown import count_saved_activations, greedy_step_cost
 from edgetrain.memory.meter import MemoryMeter
 from edgetrain.memory.planner import BudgetError, make_plan
-from edgetrain.models.network import build_head, build_module
+from edgetrain.models.network import build_head, build_module, set_transport_form
 from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import split_network
 from edgetrain.training.steps import greedy_step, make_optimizer
@@ -69,8 +69,18 @@ def test_breakdown_of_a_module_step():
     params = sum(p.numel() * 4 for p in (*module.parameters(), *head.parameters()))
     assert with_penalty.grads_bytes == params == with_penalty.optimizer_bytes
     assert with_penalty.input_bytes == 16 * 28 * 28 * 4 + 16 * 8
-    # The transport penalty keeps each block's residue for backward: more saved activations.
-    assert with_penalty.saved_activation_bytes > without.saved_activation_bytes > 0
+    # The penalty in the BatchNorm form keeps nothing more than vanilla greedy; in the direct
+    # form it keeps each block's residue for backward.
+    assert with_penalty.saved_activation_bytes == without.saved_activation_bytes > 0
+    set_transport_form(module, "direct")
+    module.zero_grad(), head.zero_grad()
+    direct = greedy_step_cost(module, head, x, y, tau=1.0)
+    with torch.no_grad():  # each block's r has the shape of the block's output
+        h, residues = module.stem(x), 0
+        for block in module.blocks:
+            h, _ = block(h)
+            residues += h.numel() * 4
+    assert direct.saved_activation_bytes == without.saved_activation_bytes + residues
 
 
 def test_micro_batches_give_the_same_update():

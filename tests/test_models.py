@@ -14,6 +14,7 @@ from edgetrain.models.network import (
     build_module,
     build_network,
     set_checkpointing,
+    set_transport_form,
 )
 from edgetrain.models.resnet import RESNET_DEPTHS, resnet_spec
 from edgetrain.models.split import balanced_sizes, block_costs, split_network
@@ -106,7 +107,8 @@ def test_head_shapes():
 
 
 def test_transport_matches_hand_computation():
-    """The module's penalty is sum over its blocks of mean(r^2), r taken before the skip."""
+    """The module's penalty is sum over its blocks of mean(r^2), r taken before the skip (eval
+    mode here: the direct form; tests/test_transport.py compares the forms in training mode)."""
     torch.manual_seed(0)
     spec = resnet_spec("resnet8", 3)  # 3 blocks
     plans = split_network(spec, 1, 8)
@@ -118,7 +120,7 @@ def test_transport_matches_hand_computation():
     h = module.stem(x)
     for block in module.blocks:
         r = block.bn2(block.conv2(torch.relu(block.bn1(block.conv1(h)))))
-        expected += float((r ** 2).sum() / r.numel())
+        expected += float((r ** 2).sum().detach() / r.numel())
         h = torch.relu(block.shortcut(h) + r)
     assert transport.detach().item() == pytest.approx(expected, rel=1e-6)
     assert transport_cost([torch.full((2, 3), 2.0), torch.ones(4)]).item() == pytest.approx(5.0)
@@ -179,15 +181,17 @@ def _one_step(module, head, x, y, tau):
     return loss.detach(), grads, x.grad, stats
 
 
-@pytest.mark.parametrize("tau, input_grad", [(1.0, True), (math.inf, False)])
-def test_checkpointing_gives_the_same_step(tau, input_grad):
+@pytest.mark.parametrize("tau, input_grad, form", [(1.0, True, "bn"), (1.0, True, "direct"),
+                                                   (1.0, False, "bn"), (math.inf, False, "bn")])
+def test_checkpointing_gives_the_same_step(tau, input_grad, form):
     """Recomputing blocks in backward changes memory, never the numbers: the loss, every gradient
     (also with an input that needs none, as for cached features) and the BatchNorm running
-    statistics (updated once, not again by the recompute)."""
+    statistics (updated once, not again by the recompute), with either form of the penalty."""
     spec = resnet_spec("resnet14", 3)
     plan = split_network(spec, 2, 16)[1]  # no stem: cached features in, blocks only
     torch.manual_seed(0)
     module, head = build_module(spec, plan).train(), build_head(plan, 10).train()
+    set_transport_form(module, form)
     x = torch.randn(8, plan.in_channels, plan.in_size, plan.in_size, requires_grad=input_grad)
     y = torch.randint(0, 10, (8,))
     state = {k: v.clone() for k, v in module.state_dict().items()}
@@ -215,3 +219,46 @@ def test_checkpointing_does_not_import_dynamo():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["True", "False"]
+
+
+def test_zero_pad_shortcut_is_option_a_and_parameter_free():
+    """--shortcut zero-pad: a downsampling block's skip keeps every other pixel and appends
+    zero channels; the network has no shortcut parameters, and the spec counts them right."""
+    from edgetrain.models.resnet import ZeroPadShortcut
+
+    spec = resnet_spec("resnet14", 1, (4, 8, 16), shortcut="zero-pad")
+    plans = split_network(spec, 1, 16)
+    module = build_module(spec, plans[0])
+    assert not any("shortcut" in n for n, _ in module.named_parameters())
+    assert sum(p.numel() for p in module.parameters()) == spec.parameter_count()
+    x = torch.randn(2, 4, 8, 8)
+    y = ZeroPadShortcut(4, 8, 2)(x)
+    assert y.shape == (2, 8, 4, 4)
+    assert torch.equal(y[:, :4], x[:, :, ::2, ::2]) and not y[:, 4:].any()
+    # The penalty's BatchNorm form equals the direct form on these blocks too.
+    torch.manual_seed(0)
+    module = build_module(spec, plans[0]).double().train()
+    inp = torch.randn(6, 1, 16, 16, dtype=torch.float64)
+    forms = []
+    for form in ("bn", "direct"):
+        set_transport_form(module, form)
+        module.zero_grad()
+        _, transport = module(inp)
+        transport.backward()
+        forms.append((transport.detach(), [p.grad.clone() for p in module.parameters()]))
+    assert torch.allclose(forms[0][0], forms[1][0], rtol=1e-10)
+    assert all(torch.allclose(a, b, rtol=1e-8, atol=1e-14) for a, b in zip(forms[0][1],
+                                                                            forms[1][1]))
+
+
+def test_orthogonal_init_scales_by_the_gain():
+    spec = resnet_spec("resnet8", 3)
+    plan = split_network(spec, 1, 32)[0]
+    module = build_module(spec, plan, init="orthogonal", gain=0.1)
+    head = build_head(plan, 10, init="orthogonal", gain=0.1)
+    w = module.blocks[1].conv2.weight.reshape(module.blocks[1].conv2.weight.shape[0], -1)
+    assert torch.allclose(w @ w.T, 0.01 * torch.eye(w.shape[0]), atol=1e-6)
+    fc = head.fc.weight
+    assert torch.allclose(fc @ fc.T, 0.01 * torch.eye(fc.shape[0]), atol=1e-6)
+    default = build_module(spec, plan)
+    assert default.blocks[1].conv2.weight.std() > 5 * module.blocks[1].conv2.weight.std()

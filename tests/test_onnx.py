@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from edgetrain.cli import app
-from edgetrain.runs.files import load_weights
+from edgetrain.runs.weights import load_weights
 
 TINY = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "2", "--train-limit", "600",
         "--test-limit", "300", "--batch-size", "64", "--lr", "0.1", "--threads", "2",
@@ -135,14 +135,15 @@ def test_matrix_pool_is_adaptive_pool():
 def test_plain_sgd_schedule_follows_torch_sgd_with_momentum():
     """For a constant gradient, plain SGD with plain_sgd_lr moves exactly as the torch
     backend's optimizer (SGD, momentum, cosine schedule) does."""
-    from edgetrain.onnx.schedule import cosine_lr, plain_sgd_lr
+    from edgetrain.onnx.schedule import plain_sgd_lr
+    from edgetrain.training.sgd import lr_at
     from edgetrain.training.steps import make_optimizer
 
     w = torch.zeros(1, requires_grad=True)
     opt, sched = make_optimizer([w], 0.1, 0.9, 0.0, 7)
     plain = 0.0
     for step in range(8):
-        assert cosine_lr(0.1, step, 7) == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
+        assert lr_at("cosine", 0.1, step, 7) == pytest.approx(sched.get_last_lr()[0], abs=1e-12)
         opt.zero_grad()
         w.sum().backward()  # gradient 1
         opt.step()
@@ -156,7 +157,8 @@ def test_ort_loss_equals_torch_loss(tmp_path):
     """The exported training graph's forward gives torch's TRGL loss, cross-entropy (label
     smoothing included) and transport on the same weights and batch (rtol 1e-5), and ORT
     updates BatchNorm's running statistics like torch (the variance with the biased batch
-    variance)."""
+    variance). Torch computes the transport in the BatchNorm form (training mode), the graph in
+    the direct form (edgetrain/onnx/artifacts.py): the same numbers."""
     from onnxruntime.training.api import CheckpointState, Module
 
     from edgetrain.models.network import build_head, build_module
@@ -178,6 +180,7 @@ def test_ort_loss_equals_torch_loss(tmp_path):
     objective, loss, ce, transport, correct = session(x.numpy(), y.numpy())
 
     m, h = copy.deepcopy(module).train(), copy.deepcopy(head).train()
+    assert {b.transport_form for b in m.blocks} == {"bn"}
     with torch.no_grad():
         out, t_transport = m(x)
         logits = h(out)

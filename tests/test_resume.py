@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from edgetrain.cache import cache_is_valid
 from edgetrain.cli import app
-from edgetrain.runs.files import load_weights
+from edgetrain.runs.weights import load_weights
 
 ARGS = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "3", "--epochs", "3",
         "--train-limit", "1200", "--test-limit", "300", "--batch-size", "64", "--lr", "0.1",
@@ -81,7 +81,11 @@ def reference(tmp_path_factory):
     (("--cache", "none"), "mid-module-2"),
     (("--mode", "parallel"), "mid-epochs"),
     (("--method", "e2e"), "mid-epochs"),
-], ids=["seq-mid", "seq-between", "seq-nocache-mid", "parallel", "e2e"])
+    (("--laps", "3"), "mid-lap-2"),    # killed in lap 2: module 1 was retrained, caches rebuilt
+    # The multipliers' lambda (updated at step 50 of 57) lives in the epoch checkpoint.
+    (("--mode", "parallel", "--tau-schedule", "multipliers"), "mid-epochs"),
+], ids=["seq-mid", "seq-between", "seq-nocache-mid", "parallel", "e2e", "laps",
+        "multipliers"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, extra, point):
     conditions = {
         "mid-module-2": lambda ev: any(e["event"] == "epoch" and e.get("module") == 1
@@ -89,6 +93,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, extra, po
         "after-module-1": lambda ev: any(e["event"] == "module" and e["module"] == 0
                                          for e in ev),
         "mid-epochs": lambda ev: any(e["event"] == "epoch" for e in ev),
+        "mid-lap-2": lambda ev: any(e["event"] == "module" and e.get("lap") == 1
+                                    and e["module"] == 0 for e in ev),
     }
     out = tmp_path / "run"
     kill_when(out, list(extra), conditions[point])

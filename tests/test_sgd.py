@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgetrain.training.sgd import SGD, CosineSchedule
+from edgetrain.training.sgd import SGD, LRSchedule
 
 
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4)])
@@ -28,7 +28,7 @@ def test_matches_torch_sgd(momentum, weight_decay):
 
 def test_cosine_schedule_goes_from_peak_to_zero():
     opt = SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
-    sched = CosineSchedule(opt, total_steps=4)
+    sched = LRSchedule(opt, total_steps=4)
     lrs = [opt.lr]
     for _ in range(4):
         sched.step()

@@ -19,6 +19,13 @@ A preset is a TOML file (``benchmarks/presets/NAME.toml``)::
     modes = ["sequential"]     # only for the greedy methods; e2e trains the whole network
     caches = ["disk"]          # only for sequential mode; parallel mode caches nothing
     fit = { batch_size = 64 }  # optional: fields for this block only (wins over the above)
+    vary = { seed = [0, 1, 2], tau = [0.5, 2.0] }   # optional: a product over these fields
+    tag = "authors"            # optional: a word in the block's run labels (for --only)
+
+``vary`` multiplies the block's runs by every combination of the listed FitConfig values
+(seeds, tau, data sizes, ...). The penalty's fields (``tau``, ``tau_schedule``) vary TRGL runs
+only: they mean nothing to vanilla greedy or end-to-end training, which run once per
+combination of the other fields.
 
 The end-to-end methods (``e2e``, and ``e2e-ckpt``: with activation checkpointing) run once per
 block. Runs are identified by their settings, so a run listed by two blocks runs once.
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +59,9 @@ GREEDY = ("vanilla", "trgl")
 _GRID_FIELDS = {"method", "modules", "mode", "cache", "activation_checkpointing"}
 _BENCH_FIELDS = {"out", "overwrite", "extra", "eval_every_epoch", "memory_budget_text"}
 _PRESET_KEYS = {"name", "description", "estimate", "fit", "method_fit", "grid"}
-_BLOCK_KEYS = {"methods", "modules", "modes", "caches", "fit"}
+_BLOCK_KEYS = {"methods", "modules", "modes", "caches", "fit", "vary", "tag"}
+_PENALTY_FIELDS = ("tau", "tau_schedule")
+"""Fields that only TRGL's runs vary over (see expand)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,10 @@ class GridBlock:
     caches: tuple[str, ...]
     fit: dict
     """FitConfig fields for this block's runs only."""
+    vary: dict = dataclasses.field(default_factory=dict)
+    """FitConfig field -> the values the block's runs take, in every combination."""
+    tag: str | None = None
+    """A word in the block's run labels, so that --only can select the block."""
 
 
 @dataclass(frozen=True)
@@ -92,14 +106,20 @@ class RunSpec:
     """disk or none in sequential mode; None otherwise."""
     fit: dict
     """FitConfig fields the run sets (everything else keeps FitConfig's default)."""
+    varied: tuple[str, ...] = ()
+    """The fields its grid block varies: named in the label."""
+    tag: str | None = None
+    """Its grid block's tag: in the label."""
 
     @property
     def label(self) -> str:
-        parts = [self.fit.get("dataset", FitConfig.dataset), self.method]
+        parts = [self.fit.get("dataset", FitConfig.dataset), *([self.tag] if self.tag else []),
+                 self.method]
         if self.modules is not None:
             parts += [f"K{self.modules}", {"sequential": "seq", "parallel": "par"}[self.mode]]
         if self.cache is not None:
             parts.append({"disk": "disk", "none": "nocache"}[self.cache])
+        parts += [f"{f.replace('_', '')}{self.fit[f]}" for f in self.varied if f in self.fit]
         return "-".join(parts)
 
     def run_id(self, args: list[str]) -> str:
@@ -182,7 +202,22 @@ def _parse_block(block: dict, index: int, problems: list[str]) -> GridBlock:
     modes = values("modes", MODES, ("sequential",))
     caches = values("caches", CACHE_MODES, ("disk",))
     fit = _check_fit(block.get("fit", {}), f"{where} fit", problems)
-    return GridBlock(methods, modules, modes, caches, fit)
+    vary: dict = {}
+    raw_vary = block.get("vary", {})
+    if not isinstance(raw_vary, dict):
+        problems.append(f"{where}: 'vary' must be a table of field = [values].")
+        raw_vary = {}
+    for key, options in raw_vary.items():
+        if not isinstance(options, list) or not options:
+            problems.append(f"{where} vary: {key} must be a non-empty list of values.")
+            continue
+        checked = [_check_fit({key: v}, f"{where} vary", problems).get(key) for v in options]
+        vary[key] = [v for v in checked if v is not None]
+    tag = block.get("tag")
+    if tag is not None and (not isinstance(tag, str) or not tag.replace("_", "").isalnum()):
+        problems.append(f"{where}: 'tag' must be one word of letters and digits.")
+        tag = None
+    return GridBlock(methods, modules, modes, caches, fit, vary, tag)
 
 
 def _check_fit(table: dict, where: str, problems: list[str]) -> dict:
@@ -244,21 +279,27 @@ def expand(preset: Preset) -> list[RunSpec]:
                           for cache in (block.caches if mode == "sequential" else (None,))]
             else:
                 combos = [(None, None, None)]
+            vary = {f: v for f, v in block.vary.items()
+                    if method == "trgl" or f not in _PENALTY_FIELDS}
             for k, mode, cache in combos:
-                fit = {**preset.fit, **preset.method_fit.get(method, {}), **block.fit,
-                       **METHODS[method]}
-                if k is not None:
-                    fit.update(modules=k, mode=mode)
-                    if cache is not None:
-                        fit["cache"] = cache
-                else:
-                    # One module: the whole network, without a split to report.
-                    fit["modules"] = 1
-                run = RunSpec(method, k, mode, cache, fit)
-                key = json.dumps(fit, sort_keys=True)
-                if key not in seen:
-                    seen.add(key)
-                    runs.append(run)
+                for values in itertools.product(*vary.values()):
+                    fit = {**preset.fit, **preset.method_fit.get(method, {}), **block.fit,
+                           **dict(zip(vary, values)), **METHODS[method]}
+                    if method != "trgl":
+                        for f in _PENALTY_FIELDS:
+                            fit.pop(f, None)
+                    if k is not None:
+                        fit.update(modules=k, mode=mode)
+                        if cache is not None:
+                            fit["cache"] = cache
+                    else:
+                        # One module: the whole network, without a split to report.
+                        fit["modules"] = 1
+                    run = RunSpec(method, k, mode, cache, fit, tuple(vary), block.tag)
+                    key = json.dumps(fit, sort_keys=True)
+                    if key not in seen:
+                        seen.add(key)
+                        runs.append(run)
     return runs
 
 

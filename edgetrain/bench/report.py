@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgetrain.bench.fidelity import fidelity_table
 from edgetrain.bench.runner import FINISHED, RESULTS, read_results
 from edgetrain.errors import UserInputError
 from edgetrain.units import format_bytes
@@ -142,6 +143,7 @@ def markdown_report(results: list[dict]) -> str:
                 "planner): *over budget* ran but a measured peak exceeded it; *does not fit* "
                 "was refused before training."]
     out += depth_report(ok)
+    out += fidelity_table(ok)
     for r in results:
         if r["status"] != "ok" and r.get("stderr_tail"):
             tail = r["stderr_tail"].strip().splitlines()[-3:]

@@ -18,11 +18,11 @@ refused it before training); both are results, not retried.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +40,18 @@ from edgetrain.devices import DeviceProfile, apply_profile, is_simulated, load_p
 from edgetrain.errors import UserInputError
 from edgetrain.machine import MachineInfo, detect_machine
 from edgetrain.memory import allocator
+from edgetrain.records import Fields, RecordError, read_jsonl
+from edgetrain.runs.files import append_line
+from edgetrain.runs.lock import RunLock
+from edgetrain.runs.ownership import (
+    BENCH_KIND,
+    BENCH_LAYOUT,
+    RUN_KIND,
+    mark_folder,
+    output_folder_problem,
+    read_marker,
+)
+from edgetrain.runs.rundir import RunDir
 
 RESULTS = "results.jsonl"
 RUNS = "runs"
@@ -89,16 +101,48 @@ def plan(preset: Preset, profile: DeviceProfile | None = None,
 
 
 def read_results(path: Path) -> list[dict]:
-    """Every line of a results.jsonl; a line cut short by a killed bench is ignored."""
-    if not path.exists():
-        return []
+    """Every line of a results.jsonl, checked: every field the table and the plot use; a last
+    line cut short by a killed bench is ignored, any other malformed line is a RecordError
+    naming the file, line and field."""
     lines = []
-    for text in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(text))
-        except json.JSONDecodeError:
-            continue
+    for number, line in read_jsonl(path):
+        f = Fields(line, path, f" line {number}")
+        f.str("run_id")
+        status = f.str("status", choices=(*FINISHED, "failed"))
+        f.str("method")
+        f.object("config")
+        for name in ("mode", "cache", "dataset", "model", "memory_budget", "stderr_tail"):
+            f.str(name, optional=True)
+        f.int("modules", low=1, optional=True)
+        f.int("memory_budget_bytes", low=1, optional=True)
+        if status in ("ok", "over_budget"):
+            f.float("test_accuracy", low=0, high=1)
+            f.int("peak_memory_bytes", low=0)
+            f.int("training_memory_bytes", low=0)
+            f.float("wall_time_s", low=0)
+        if (machine := f.object("machine", optional=True)) is not None:
+            machine.int("memory_bytes", low=0, optional=True)
+            for i, gpu in enumerate(machine.list("gpus", optional=True) or []):
+                Fields(gpu, path, f" line {number}, field 'machine', gpu {i}").str("name")
+        for name in ("modules", "mode", "cache"):
+            line.setdefault(name, None)
+        lines.append(line)
     return lines
+
+
+def _reads_as_bench_results(folder: Path) -> bool:
+    """A folder `bench run` wrote before bench folders were marked: its results.jsonl holds
+    bench results."""
+    try:
+        return bool(read_results(folder / RESULTS))
+    except RecordError:
+        return False
+
+
+def bench_folder_problem(out: Path) -> str | None:
+    """Why `bench run --out` cannot write to ``out`` (a user's folder), or None."""
+    return output_folder_problem("--out", out, BENCH_KIND, BENCH_LAYOUT,
+                                 _reads_as_bench_results)
 
 
 def finished_ids(path: Path) -> set[str]:
@@ -137,9 +181,23 @@ def prepare_bench(preset: str, device_profile: str | None = None,
     return Bench(loaded, profile, machine, simulated, runs)
 
 
-def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print) -> list[dict]:
-    """Run what is not finished yet; return the lines appended to OUT/results.jsonl."""
+def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print,
+              jobs: int = 1) -> list[dict]:
+    """Run what is not finished yet; return the lines appended to OUT/results.jsonl.
+
+    The folder is locked for the whole bench: a second bench into it is refused (naming the
+    pid) instead of interleaving its lines."""
+    if problem := bench_folder_problem(out):
+        raise UserInputError(problem)
     out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "--out"):
+        if problem := bench_folder_problem(out):  # again, under the lock
+            raise UserInputError(problem)
+        mark_folder(out, BENCH_KIND)
+        return _run_grid(bench, out, log, jobs)
+
+
+def _run_grid(bench: Bench, out: Path, log: Callable[[str], None], jobs: int) -> list[dict]:
     results = out / RESULTS
     done = finished_ids(results)
     context = {
@@ -148,25 +206,36 @@ def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print) -> li
         "simulated": bench.simulated if bench.profile else None,
         "machine": bench.machine.to_dict(),
     }
-    written = []
+    todo = []
     for i, run in enumerate(bench.runs, 1):
         tag = f"[{i}/{len(bench.runs)}] {run.spec.label}"
         if run.run_id in done:
             log(f"{tag}: done before, skipped")
-            continue
-        log(f"{tag}: running")
-        line = {**context, **run_one(run, out / RUNS / run.run_id)}
-        _append_line(results, line)
-        written.append(line)
-        if "test_accuracy" in line:
-            log(f"{tag}: {line['status']}, test accuracy {line['test_accuracy']:.2%}, training "
-                f"memory {line['training_memory_bytes'] / 2**20:.0f} MiB, "
-                f"{line['wall_time_s']:.0f} s")
-        elif line["status"] == "does_not_fit":
-            log(f"{tag}: does not fit the memory budget (see results.md)")
         else:
-            last = line["stderr_tail"].strip().splitlines()[-1:] or ["(no output)"]
-            log(f"{tag}: FAILED (exit code {line['returncode']}): {last[0]}")
+            todo.append((tag, run))
+    written = []
+    # One writer appends to results.jsonl (this thread); the runs themselves are processes, so
+    # threads only wait on them. With jobs > 1 the runs share the machine: accuracy and memory
+    # peaks stay each run's own, wall times do not (compare times only from --jobs 1).
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {}
+        for tag, run in todo:
+            log(f"{tag}: running")
+            futures[pool.submit(run_one, run, out / RUNS / run.run_id)] = tag
+        for future in as_completed(futures):
+            tag = futures[future]
+            line = {**context, **future.result()}
+            _append_line(results, line)
+            written.append(line)
+            if "test_accuracy" in line:
+                log(f"{tag}: {line['status']}, test accuracy {line['test_accuracy']:.2%}, "
+                    f"training memory {line['training_memory_bytes'] / 2**20:.0f} MiB, "
+                    f"{line['wall_time_s']:.0f} s")
+            elif line["status"] == "does_not_fit":
+                log(f"{tag}: does not fit the memory budget (see results.md)")
+            else:
+                last = line["stderr_tail"].strip().splitlines()[-1:] or ["(no output)"]
+                log(f"{tag}: FAILED (exit code {line['returncode']}): {last[0]}")
     return written
 
 
@@ -175,8 +244,9 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "edgetrain", "fit", *run.args, "--out", str(run_dir),
            "--overwrite", "--no-progress"]
     report_path = run_dir / "report.json"
-    # A report left by an earlier attempt must not pass for this run's.
-    report_path.unlink(missing_ok=True)
+    # A report left by an earlier attempt must not pass for this run's: this run's report
+    # carries the run id of the marker its --overwrite writes anew.
+    earlier = _run_id(run_dir)
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
     # Rich would otherwise wrap the child's messages at 80 columns in the stderr tail.
@@ -200,7 +270,13 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
     }
     tail = (proc.stderr or proc.stdout)[-_STDERR_TAIL:]
     if proc.returncode in (0, EXIT_OVER_BUDGET) and report_path.exists():
-        report = json.loads(report_path.read_text())
+        try:
+            report = RunDir(run_dir).read_report()
+        except RecordError as e:
+            return {**line, "status": "failed", "stderr_tail": str(e)}
+        if report.get("run_id") in (None, earlier) or report.get("run_id") != _run_id(run_dir):
+            return {**line, "status": "failed", "stderr_tail": f"{report_path} is not the "
+                    "report of this run (its run id is not the run folder's new one)"}
         wrong = mismatches(run.spec.fit, report)
         if wrong:
             # A result under the wrong label is worse than none: fail it loudly.
@@ -212,6 +288,14 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
     if proc.returncode == EXIT_DOES_NOT_FIT:
         return {**line, "status": "does_not_fit", "stderr_tail": tail}
     return {**line, "status": "failed", "stderr_tail": tail}
+
+
+def _run_id(run_dir: Path) -> str | None:
+    try:
+        marker = read_marker(run_dir, RUN_KIND)
+    except RecordError:
+        return None
+    return marker.run_id if marker else None
 
 
 def mismatches(fit: dict, report: dict) -> str:
@@ -227,6 +311,8 @@ def result_fields(report: dict) -> dict:
     """What a result line keeps from a run's report.json."""
     return {
         "test_accuracy": report["test_accuracy"],
+        "accuracy_metrics": report.get("accuracy_metrics"),
+        "train_accuracy": (report.get("accuracy_metrics") or {}).get("train_last_epoch"),
         "peak_memory_bytes": report["peak_memory_bytes"],
         "training_memory_bytes": training_memory_bytes(report),
         "framework_baseline_bytes": report.get("framework_baseline_bytes"),
@@ -261,8 +347,5 @@ def training_memory_bytes(report: dict) -> int:
 
 def _append_line(path: Path, line: dict) -> None:
     # One write of one line, flushed: a bench killed mid-grid loses at most this line, and
-    # read_results skips a partial one.
-    with open(path, "a") as f:
-        f.write(json.dumps(line, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    # read_results skips a partial one (append_line cuts it off before the next line).
+    append_line(path, json.dumps(line, sort_keys=True), sync=True)

@@ -9,7 +9,6 @@ manifest is written last (tmp + ``os.replace``), so a directory with a manifest 
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import shutil
@@ -35,10 +34,10 @@ from edgetrain.cache.manifest import (
     new_hasher,
 )
 from edgetrain.errors import UserInputError
+from edgetrain.runs.files import is_out_of_space
 
 # Room for manifest.json and filesystem rounding; the manifest itself is well under 1 KB.
 _MANIFEST_ALLOWANCE = 4096
-_OUT_OF_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
@@ -60,12 +59,13 @@ def _space_message(directory: Path, needed: int, free: int, dtype: str, during_w
     what = "Ran out of disk space writing" if during_write else "Not enough disk space for"
     fixes = ["free space there"]
     if dtype == "float32":
-        fixes.append("use `--cache-dtype float16` to halve the cache")
-    fixes.append("use `--cache none` to train without a feature cache")
+        fixes.append("halve the cache with `--cache-dtype float16 --allow-changes cache-dtype`")
+    fixes.append("train without a feature cache with `--cache none --allow-changes cache`")
     return (
         f"{what} the feature cache in {directory}: it needs {needed} bytes "
-        f"({_human_bytes(needed)}) and {free} bytes ({_human_bytes(free)}) are free. "
-        f"Fix: {', or '.join(fixes)}."
+        f"({_human_bytes(needed)}) and {free} bytes ({_human_bytes(free)}) are free. Finished "
+        f"modules are kept: {', or '.join(fixes)}, then run the same command with --resume "
+        "(add the flags shown)."
     )
 
 
@@ -251,7 +251,7 @@ class CacheWriter:
     def _fail_on_os_error(self, err: OSError) -> NoReturn:
         """Remove the partial files, then re-raise; a full disk becomes a UserInputError."""
         self.abort()
-        if err.errno in _OUT_OF_SPACE:
+        if is_out_of_space(err):
             free = shutil.disk_usage(self.directory).free
             raise UserInputError(
                 _space_message(self.directory, self._needed, free, self.dtype, during_write=True)

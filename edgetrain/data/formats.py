@@ -12,7 +12,9 @@ not match, and the loader turns that into an error naming --data-dir.
 from __future__ import annotations
 
 import math
+import os
 import pickle
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,20 @@ import numpy as np
 Split = tuple[np.ndarray, np.ndarray]
 
 
+def regular_file(path: Path) -> int:
+    """The size of ``path``; ValueError unless it is a regular file. A FIFO or a device under
+    a data file's name would otherwise hang the reader or feed it without end."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path.name} is not a regular file")
+    return info.st_size
+
+
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """MNIST's idx format: 0x00 0x00, type 0x08 (uint8), ndim, ndim big-endian uint32 sizes, then
-    the bytes. Read straight into one array (no second copy of the file)."""
+    the bytes. Read straight into one array (no second copy of the file), and only once the
+    header's sizes agree with the file's: a header that promises more is refused unread."""
+    size = regular_file(path)
     with open(path, "rb") as f:
         magic = f.read(4)
         if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or magic[3] != ndim:
@@ -32,6 +45,11 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         if len(sizes) != 4 * ndim:
             raise ValueError(f"{path.name}: the idx header is cut short")
         dims = np.frombuffer(sizes, dtype=">u4")
+        promised = math.prod(int(d) for d in dims)
+        if promised != size - 4 - 4 * ndim:
+            raise ValueError(f"{path.name}: its header says {tuple(int(d) for d in dims)} "
+                             f"({promised} bytes) but the file holds {size - 4 - 4 * ndim} bytes "
+                             "of data")
         data = np.fromfile(f, dtype=np.uint8)
     if data.size != math.prod(int(d) for d in dims):
         raise ValueError(f"{path.name}: its header says {tuple(int(d) for d in dims)} but it "
@@ -64,6 +82,7 @@ class _ArraysOnly(pickle.Unpickler):
 
 
 def _unpickle(path: Path) -> dict:
+    regular_file(path)
     with open(path, "rb") as f:
         entry = _ArraysOnly(f, encoding="latin1").load()
     if not isinstance(entry, dict):
@@ -92,6 +111,7 @@ def read_svhn(path: Path) -> Split:
     """SVHN's {train,test}_32x32.mat: X is H x W x C x N uint8, y is N x 1 with 10 for digit 0."""
     import scipy.io  # about 12 MB resident; only SVHN needs it
 
+    regular_file(path)
     mat = scipy.io.loadmat(path, variable_names=["X", "y"])
     if "X" not in mat or "y" not in mat:
         raise ValueError(f"{path.name} lacks the X and y arrays of an SVHN file")
@@ -107,6 +127,8 @@ def read_stl10(folder: Path, train: bool) -> Split:
     """STL-10's labelled binaries: {split}_X.bin holds, per image and per channel, 96 x 96 pixels
     column by column; {split}_y.bin holds uint8 labels 1..10."""
     split = "train" if train else "test"
+    regular_file(folder / f"{split}_X.bin")
+    regular_file(folder / f"{split}_y.bin")
     raw = np.fromfile(folder / f"{split}_X.bin", dtype=np.uint8)
     if raw.size % (3 * 96 * 96):
         raise ValueError(f"{split}_X.bin holds {raw.size} bytes, not a whole number of 3 x 96 x "

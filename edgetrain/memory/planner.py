@@ -76,6 +76,38 @@ class MemoryPlan:
     def as_dict(self) -> dict:
         return {**asdict(self), "phases": [asdict(p) for p in self.phases]}
 
+    @classmethod
+    def read(cls, path, phases: int, batch_size: int) -> MemoryPlan:
+        """The plan in ``path`` (plan.json), checked: ``phases`` phases planned for
+        ``batch_size``. A resumed run trains as planned, not as a new probe would plan on a
+        machine whose memory has changed since. RecordError names the file and field."""
+        from edgetrain.records import Fields, RecordError, read_json_object
+
+        f = Fields(read_json_object(path), path)
+        rows = f.list("phases")
+        if len(rows) != phases:
+            raise RecordError(f"{path}: field 'phases' must hold {phases} phases (found "
+                              f"{len(rows)}).")
+        plans = []
+        for i, row in enumerate(rows):
+            p = Fields(row, path, f", phase {i}")
+            micro = p.int("micro_batch", low=1, high=batch_size)
+            accumulation = p.int("accumulation", low=1, high=batch_size)
+            if p.int("batch_size") != batch_size or math.ceil(batch_size / micro) != accumulation:
+                raise RecordError(f"{path}, phase {i}: batch_size, micro_batch and accumulation "
+                                  f"do not fit --batch-size {batch_size}.")
+            probes = [tuple(x) for x in p.list("probes")]
+            if not all(len(x) == 2 and all(isinstance(v, int) for v in x) for x in probes):
+                raise RecordError(f"{path}, phase {i}: field 'probes' must be [batch, bytes] "
+                                  "pairs.")
+            plans.append(PhasePlan(p.str("phase"), batch_size, micro, accumulation,
+                                   p.bool("checkpointing"), p.int("fixed_bytes"),
+                                   p.float("per_sample_bytes", low=0),
+                                   p.int("predicted_peak_bytes", low=0), probes))
+        return cls(f.int("budget_bytes", low=1), f.int("usable_bytes", low=0),
+                   f.float("safety_margin", low=0, high=1), f.str("meter"), plans,
+                   f.float("probe_time_s", low=0))
+
 
 Prober = Callable[[int, bool], None]
 """``prober(batch_size, checkpointing)`` builds the phase, runs PROBE_STEPS training steps at

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from edgetrain.errors import UserInputError
 from edgetrain.memory import allocator
+from edgetrain.records import RecordError, read_json_object
 from edgetrain.runs.files import write_json_atomic
+from edgetrain.runs.ownership import (
+    PROFILE_KIND,
+    PROFILE_LAYOUT,
+    mark_folder,
+    output_folder_problem,
+)
 
 VARIANTS = [  # (name, method, mode)
     ("e2e", "e2e", "sequential"),
@@ -40,6 +47,9 @@ class ProfileSpec:
     split: str = "even"
     steps: int = 3
     tau: float = 1.0
+    transport_form: str = "bn"
+    """How TRGL's blocks compute mean(r^2): "bn" (from the last BatchNorm, no activation kept)
+    or "direct" (keeps each block's residue; edgetrain's only form before issue 11)."""
     device: str = "cpu"
     threads: int | None = None
 
@@ -58,9 +68,27 @@ def run_variant(spec: ProfileSpec, name: str, method: str, mode: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def profile_folder_problem(out: Path) -> str | None:
+    """Why `profile --out` cannot write profile.json and profile.png to ``out`` (a folder of
+    the user's), or None."""
+    def written_before_markers(folder: Path) -> bool:
+        try:
+            data = read_json_object(folder / "profile.json")
+        except RecordError:
+            return False
+        return isinstance(data.get("spec"), dict) and isinstance(data.get("results"), list)
+
+    return output_folder_problem("--out", out, PROFILE_KIND, PROFILE_LAYOUT,
+                                 written_before_markers)
+
+
 def profile(spec: ProfileSpec, out: Path, variants: list[str] | None = None,
             on_result=None) -> dict:
-    """Run the variants, write ``out/profile.json`` and ``out/profile.png``; return the data."""
+    """Run the variants, write ``out/profile.json`` and ``out/profile.png``; return the data.
+    ``out`` must be new, empty or an earlier profile's folder: nothing of the user's is
+    replaced."""
+    if problem := profile_folder_problem(out):
+        raise UserInputError(problem)
     from edgetrain.models.resnet import resnet_spec
 
     resnet_spec(spec.model, 1, spec.widths)  # a bad --model fails here, before any subprocess
@@ -88,7 +116,9 @@ def profile(spec: ProfileSpec, out: Path, variants: list[str] | None = None,
                                   "met": r["training_only_bytes"] <= target}
         r["goal_within_20pct_of_floor"] = abs(r["measured_over_floor"] - 1) <= 0.2
     data = {"spec": asdict(spec), "results": results}
-    out.mkdir(parents=True, exist_ok=True)
+    if problem := profile_folder_problem(out):  # again: the variants took a while
+        raise UserInputError(problem)
+    mark_folder(out, PROFILE_KIND)
     write_json_atomic(out / "profile.json", data)
     plot(data, out / "profile.png")
     return data

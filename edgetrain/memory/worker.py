@@ -58,7 +58,13 @@ def main(spec: dict) -> dict:
     framework = current_rss_bytes()
 
     from edgetrain.data import augment_batch, iterate_batches, load_dataset, normalize
-    from edgetrain.models.network import build_head, build_module, build_network, set_checkpointing
+    from edgetrain.models.network import (
+        build_head,
+        build_module,
+        build_network,
+        set_checkpointing,
+        set_transport_form,
+    )
     from edgetrain.models.resnet import resnet_spec
     from edgetrain.models.split import split_network
     from edgetrain.training.steps import greedy_step
@@ -79,6 +85,7 @@ def main(spec: dict) -> dict:
     b, steps, method = spec["batch_size"], spec["steps"], spec["method"]
     taus = (tau_schedule(spec["tau"], len(plans)) if method == "trgl"
             else [float("inf")] * len(plans))
+    form = spec.get("transport_form", "bn")
     generator = torch.Generator().manual_seed(0)
 
     def real_batches():
@@ -125,6 +132,7 @@ def main(spec: dict) -> dict:
         parts = []
         for plan in plans:
             module = build_module(net_spec, plan).to(device)
+            set_transport_form(module, form)
             head = build_head(plan, info.num_classes).to(device)
             parts.append((module, head, SGD([*module.parameters(), *head.parameters()], 0.01,
                                             0.9, 5e-4)))
@@ -155,6 +163,7 @@ def main(spec: dict) -> dict:
             release_free_memory(device)
             meter.reset()
             module = build_module(net_spec, plan).to(device)
+            set_transport_form(module, form)
             head = build_head(plan, info.num_classes).to(device)
             opt = SGD([*module.parameters(), *head.parameters()], 0.01, 0.9, 5e-4)
             shape = (b, plan.in_channels, plan.in_size, plan.in_size)
@@ -189,6 +198,7 @@ def main(spec: dict) -> dict:
     return {
         "variant": spec["variant"], "method": method, "mode": spec["mode"],
         "modules": spec["modules"], "batch_size": b, "model": spec["model"],
+        "transport_form": form if method == "trgl" else None,
         "dataset": spec["dataset"], "peak_bytes": peak,
         "training_only_bytes": max(0, peak - with_data) if meter.backend != "cuda" else peak,
         "framework_bytes": framework, "data_bytes": with_data - framework,

@@ -5,22 +5,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgetrain.models.energy import check_transport_form
 from edgetrain.models.heads import AuxHead
 from edgetrain.models.resnet import ResNetModule, ResNetSpec, init_weights
 from edgetrain.models.split import ModulePlan
 
 
-def build_module(spec: ResNetSpec, plan: ModulePlan) -> ResNetModule:
+def build_module(spec: ResNetSpec, plan: ModulePlan, init: str = "default",
+                 gain: float = 0.1) -> ResNetModule:
     """Only this module's blocks are instantiated: nothing else of the network is allocated."""
     stem = (spec.in_channels, spec.stem_channels) if plan.has_stem else None
-    module = ResNetModule(list(spec.blocks[plan.start:plan.stop]), stem=stem)
-    init_weights(module)
+    module = ResNetModule(list(spec.blocks[plan.start:plan.stop]), stem=stem,
+                          shortcut=spec.shortcut)
+    init_weights(module, init, gain)
     return module
 
 
-def build_head(plan: ModulePlan, num_classes: int) -> AuxHead:
+def build_head(plan: ModulePlan, num_classes: int, init: str = "default",
+               gain: float = 0.1) -> AuxHead:
     head = AuxHead(plan.out_channels, num_classes)
-    init_weights(head)
+    init_weights(head, init, gain)
     return head
 
 
@@ -49,6 +53,17 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
             m.checkpointing = enabled
 
 
-def build_network(spec: ResNetSpec, plans: list[ModulePlan], num_classes: int) -> StitchedNetwork:
-    return StitchedNetwork([build_module(spec, p) for p in plans],
-                           build_head(plans[-1], num_classes))
+def set_transport_form(model: nn.Module, form: str) -> None:
+    """How every block of ``model`` computes its kinetic energy: ``"bn"`` (from its last
+    BatchNorm where that uses batch statistics, the default) or ``"direct"`` (from r; keeps r
+    for backward). Same values and gradients up to rounding; see edgetrain/models/energy.py."""
+    check_transport_form(form)
+    for m in model.modules():
+        if hasattr(m, "transport_form"):
+            m.transport_form = form
+
+
+def build_network(spec: ResNetSpec, plans: list[ModulePlan], num_classes: int,
+                  init: str = "default", gain: float = 0.1) -> StitchedNetwork:
+    return StitchedNetwork([build_module(spec, p, init, gain) for p in plans],
+                           build_head(plans[-1], num_classes, init, gain))

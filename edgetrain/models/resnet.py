@@ -1,10 +1,11 @@
 """CIFAR-style ResNets (He et al. 2016, section 4.2) built from basic blocks.
 
-Every block returns its residual-branch output ``r`` beside its output, because TRGL's transport
-regulariser penalises ``mean(r ** 2)`` (../METHOD.md: after the branch's last BatchNorm, before
-the skip addition and the final ReLU). The network is described as a flat list of
-:class:`BlockSpec` so a module made of any contiguous run of blocks can be built on its own,
-without ever instantiating the rest of the network.
+Every block returns its kinetic energy ``mean(r ** 2)`` beside its output, because TRGL's
+transport regulariser penalises it (../METHOD.md: r after the branch's last BatchNorm, before the
+skip addition and the final ReLU). The block computes it from that BatchNorm's parameters and
+batch statistics, keeping no activation for it (edgetrain/models/energy.py). The network is
+described as a flat list of :class:`BlockSpec` so a module made of any contiguous run of blocks
+can be built on its own, without ever instantiating the rest of the network.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.errors import UserInputError
+from edgetrain.models.energy import batchnorm_branch, check_transport_form
 from edgetrain.models.recompute import recompute_in_backward
 
 # depth = 6n + 2 for three stages of n basic blocks (stem conv + 2 convs per block + classifier).
 RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44,
                  "resnet56": 56, "resnet110": 110}
 DEFAULT_WIDTHS = (16, 32, 64)
+MAX_WIDTH = 4096
+"""Widest stage --widths accepts: one 3x3 conv at 4096 channels already holds 600 MB."""
 
 
 @dataclass(frozen=True)
@@ -44,13 +48,34 @@ class ResNetSpec:
     in_channels: int
     stem_channels: int
     blocks: tuple[BlockSpec, ...]
+    shortcut: str = "conv"
+    """Downsampling shortcut: ``conv`` (1x1 conv + BN, option B of He et al.) or ``zero-pad``
+    (subsample, then zero channels: option A, parameter-free, the authors' choice)."""
 
     @property
     def out_channels(self) -> int:
         return self.blocks[-1].out_channels
 
+    def parameter_count(self) -> int:
+        """Parameters of the network's modules, counted from the spec (nothing is built).
 
-def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = None) -> ResNetSpec:
+        >>> resnet_spec("resnet20", 3).parameter_count()
+        271824
+        """
+        count = self.in_channels * self.stem_channels * 9 + 2 * self.stem_channels
+        for b in self.blocks:
+            count += b.in_channels * b.out_channels * 9 + b.out_channels ** 2 * 9
+            count += 4 * b.out_channels
+            if self.shortcut == "conv" and (b.stride != 1 or b.in_channels != b.out_channels):
+                count += b.in_channels * b.out_channels + 2 * b.out_channels
+        return count
+
+
+SHORTCUTS = ("conv", "zero-pad")
+
+
+def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = None,
+                shortcut: str = "conv") -> ResNetSpec:
     """The block list of a CIFAR ResNet: ``resnet20`` has 3 stages of 3 blocks (9 blocks).
 
     >>> spec = resnet_spec("resnet20", in_channels=3)
@@ -66,6 +91,9 @@ def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = No
     widths = tuple(widths or DEFAULT_WIDTHS)
     if not widths or any(w < 1 for w in widths):
         raise UserInputError(f"--widths {widths} must be positive integers, e.g. 16,32,64.")
+    if any(w > MAX_WIDTH for w in widths) or len(widths) > 8:
+        raise UserInputError(f"--widths {','.join(map(str, widths))[:60]}: at most 8 stages of "
+                             f"at most {MAX_WIDTH} channels, e.g. 16,32,64.")
     per_stage = (RESNET_DEPTHS[name] - 2) // 6
     blocks: list[BlockSpec] = []
     channels = widths[0]
@@ -74,8 +102,11 @@ def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = No
             stride = 2 if (stage > 0 and i == 0) else 1
             blocks.append(BlockSpec(channels, width, stride))
             channels = width
+    if shortcut not in SHORTCUTS:
+        raise UserInputError(f"--shortcut {shortcut!r} is not known; choose one of "
+                             f"{', '.join(SHORTCUTS)}.")
     return ResNetSpec(name=name, in_channels=in_channels, stem_channels=widths[0],
-                      blocks=tuple(blocks))
+                      blocks=tuple(blocks), shortcut=shortcut)
 
 
 class Stem(nn.Module):
@@ -90,14 +121,32 @@ class Stem(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs with a skip; returns ``(relu(shortcut(x) + r), r)``.
+class ZeroPadShortcut(nn.Module):
+    """Option A of He et al.: keep every ``stride``-th pixel, append zero channels. No
+    parameters, so a downsampling block's skip is as close to the identity as it can be."""
 
-    Downsampling blocks use a 1x1 conv + BN shortcut (option B of He et al.), penalised like the
-    others.
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.extra, self.stride = out_channels - in_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a skip; ``forward(x, need_energy)`` returns
+    ``(relu(shortcut(x) + r), mean(r ** 2) or None)``.
+
+    Downsampling blocks use a 1x1 conv + BN shortcut (option B of He et al.) or, with
+    ``shortcut="zero-pad"``, a parameter-free one (option A); either way they are penalised
+    like the others. ``transport_form`` (edgetrain/models/energy.py): ``"bn"`` takes the energy from
+    ``bn2``'s scale, shift and batch statistics while ``bn2`` is in training mode (no activation
+    kept for it) and falls back to the direct form in eval mode; ``"direct"`` always computes
+    ``mean(r ** 2)`` from r (keeping r for backward).
     """
 
-    def __init__(self, spec: BlockSpec):
+    def __init__(self, spec: BlockSpec, transport_form: str = "bn", shortcut: str = "conv"):
         super().__init__()
         self.conv1 = nn.Conv2d(spec.in_channels, spec.out_channels, 3, stride=spec.stride,
                                padding=1, bias=False)
@@ -105,35 +154,46 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(spec.out_channels, spec.out_channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(spec.out_channels)
         self.shortcut: nn.Module = nn.Identity()
-        if spec.stride != 1 or spec.in_channels != spec.out_channels:
+        if (spec.stride != 1 or spec.in_channels != spec.out_channels) and \
+                shortcut == "zero-pad" and spec.out_channels >= spec.in_channels:
+            self.shortcut = ZeroPadShortcut(spec.in_channels, spec.out_channels, spec.stride)
+        elif spec.stride != 1 or spec.in_channels != spec.out_channels:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(spec.in_channels, spec.out_channels, 1, stride=spec.stride, bias=False),
                 nn.BatchNorm2d(spec.out_channels),
             )
+        self.transport_form = check_transport_form(transport_form)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(self.shortcut(x) + r), r
+    def forward(self, x: torch.Tensor, need_energy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = self.conv2(F.relu(self.bn1(self.conv1(x))))
+        r, energy = batchnorm_branch(self.bn2, z, need_energy, self.transport_form)
+        return F.relu(self.shortcut(x) + r), energy
 
 
 class ResNetModule(nn.Module):
     """A contiguous run of blocks (plus the stem if it is the first module).
 
     ``forward`` returns ``(output, transport)`` where ``transport`` is the sum over this module's
-    blocks of the per-element mean of the squared residue, i.e. the kinetic energy that TRGL
-    penalises. Computing ``mean(r ** 2)`` keeps ``r`` alive for backward: one extra activation
-    per block, the price of the regulariser. With ``need_transport=False`` (vanilla greedy,
-    inference, caching) nothing extra is kept.
+    blocks of their kinetic energy ``mean(r ** 2)``, what TRGL penalises. In training mode each
+    block takes it from its last BatchNorm's parameters and batch statistics, so the penalty
+    keeps no activation beyond what vanilla greedy keeps; in eval mode, or with
+    ``transport_form = "direct"`` on the blocks (:func:`edgetrain.models.network.
+    set_transport_form`), from r itself, keeping r for backward: one extra activation per
+    block. With ``need_transport=False`` (vanilla greedy, inference, caching) no energy is
+    computed and ``transport`` is 0.
     """
 
-    def __init__(self, blocks: list[BlockSpec], stem: tuple[int, int] | None = None):
+    def __init__(self, blocks: list[BlockSpec], stem: tuple[int, int] | None = None,
+                 shortcut: str = "conv"):
         super().__init__()
         self.stem = Stem(*stem) if stem is not None else None
-        self.blocks = nn.ModuleList(BasicBlock(b) for b in blocks)
+        self.blocks = nn.ModuleList(BasicBlock(b, shortcut=shortcut) for b in blocks)
         self.out_channels = blocks[-1].out_channels
         self.checkpointing = False
-        """Activation checkpointing per block: keep only each block's input (and residue, if
-        penalised) for backward and recompute the rest; less memory, about one more forward."""
+        """Activation checkpointing per block: keep only each block's input for backward (the
+        energy leaves the block as a scalar, in either form) and recompute the rest; less
+        memory, about one more forward."""
 
     def forward(self, x: torch.Tensor, need_transport: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,19 +202,31 @@ class ResNetModule(nn.Module):
         transport = x.new_zeros(())
         for block in self.blocks:
             if self.checkpointing and torch.is_grad_enabled():
-                x, r = recompute_in_backward(block, x)
+                x, energy = recompute_in_backward(block, x, need_transport)
             else:
-                x, r = block(x)
-            if need_transport:
-                transport = transport + r.pow(2).mean()
-            del r  # drop our reference; autograd keeps r only if the penalty needs it
+                x, energy = block(x, need_transport)
+            if energy is not None:
+                transport = transport + energy
         return x, transport
 
 
-def init_weights(module: nn.Module) -> None:
-    """Kaiming init for convs, unit BN, zero bias: the usual CIFAR ResNet start."""
+INITS = ("default", "orthogonal")
+
+
+def init_weights(module: nn.Module, scheme: str = "default", gain: float = 0.1) -> None:
+    """Initialise ``module``'s convs and linear layers; BatchNorm gets unit scale, zero shift.
+
+    ``default``: Kaiming (fan out) for convs, N(0, 0.01) for linear layers: the usual CIFAR
+    ResNet start. ``orthogonal``: orthogonal matrices scaled by ``gain`` for both (the authors'
+    code: gain 0.1), which starts every residual branch near zero, each block near the
+    identity.
+    """
     for m in module.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and scheme == "orthogonal":
+            nn.init.orthogonal_(m.weight, gain=gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             nn.init.ones_(m.weight)

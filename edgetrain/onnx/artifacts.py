@@ -13,6 +13,14 @@ to build its gradient graph here (../../shared/ENVIRONMENT.md). :class:`Training
 whole objective first (ORT backpropagates from the first output) and the numbers worth logging
 after it.
 
+The transport term is exported in the direct form, ``mean(r ** 2)`` (edgetrain/models/energy.py
+switches to it while ``torch.onnx.export`` traces): the torch backend's BatchNorm form is a custom
+autograd Function that an ONNX graph cannot hold, and written in ONNX ops (ReduceMean of
+(z - mean(z))^2) ORT's gradient builder keeps the centred copy of z and several z-sized
+broadcast gradients per block. Measured on module 1 of ResNet-20 (K = 4, batch 256, 28x28;
+`python benchmarks/ort_transport_forms.py`): training peak over vanilla's +37 MiB with the
+direct form (the 3 residues), +217 MiB with the BatchNorm form in ONNX ops. Same loss either way.
+
 Optimizer: ORT 1.19's artifact generator offers SGD and AdamW. SGD is used: it is the
 optimiser of the torch backend and of the paper. ORT's SGD op (SGDOptimizerV2) has neither
 momentum nor weight decay, so:
@@ -29,8 +37,11 @@ with a different good learning rate, so the two backends would no longer be comp
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
+import os
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +59,17 @@ from edgetrain.onnx.graphs import (
     set_metadata,
 )
 from edgetrain.onnx.runtime import training_api
+from edgetrain.paths import path_problem, shown
+from edgetrain.records import RecordError
+from edgetrain.runs.lock import LOCK_FILE, RunLock
+from edgetrain.runs.ownership import (
+    ARTIFACTS_KIND,
+    ARTIFACTS_LAYOUT,
+    ARTIFACTS_MARKER,
+    protected_folder_problem,
+    read_marker,
+    write_marker,
+)
 from edgetrain.training.transport import module_loss, transport_weight
 
 OUTPUTS = ("objective", "loss", "ce", "transport", "correct")
@@ -183,25 +205,85 @@ class _ModuleAndHead(nn.Module):
 def export_training_artifacts(run_dir: Path, k: int, out: Path) -> dict:
     """Write module ``k``'s training artifacts, initialised from the run's trained weights,
     plus its inference graph and a description (README.txt, artifacts.json) to ``out``;
-    check they load; return the description."""
-    import onnx
+    check they load; return the description.
 
-    from edgetrain.runs.model import load_module, open_run
-    from edgetrain.training.scheduler import tau_for
+    Atomic and owned: everything is built in a temporary folder beside ``out`` and checked
+    there; only then are the files of an earlier export in ``out`` (a folder holding
+    edgetrain's artifacts marker; nothing else is ever replaced) removed, the new ones moved
+    in and the marker written, under ``out``'s lock.
+    """
+    from edgetrain.runs.model import load_module, open_run, reading_run
 
     ort = training_api("`edgetrain export-artifacts`")
-    _, info, config = open_run(run_dir)
-    module, head, plan = load_module(run_dir, k)
+    with reading_run(run_dir):
+        _, info, config = open_run(run_dir)
+        module, head, plan = load_module(run_dir, k)
+    _check_artifacts_out(out)
+    build = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    if path_problem("--out", build):  # out itself passed: the build folder's name is longer
+        raise UserInputError(f"--out {shown(out)}: the folder export-artifacts builds beside it "
+                             f"({shown(build.name)}) gets a name too long for this "
+                             "filesystem. Choose a shorter --out.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(out)
+    build.mkdir()
+    try:
+        description = _build_artifacts(ort, build, k, module, head, plan, info, config)
+        out.mkdir(exist_ok=True)
+        with RunLock(out, "--out"):
+            _check_artifacts_out(out)  # again, under the lock
+            ARTIFACTS_LAYOUT.remove(out, keep=(LOCK_FILE,))
+            for name in os.listdir(build):
+                os.replace(build / name, out / name)
+            write_marker(out, ARTIFACTS_KIND)
+    finally:
+        ARTIFACTS_LAYOUT.remove(build)
+        with contextlib.suppress(OSError):
+            build.rmdir()
+    return description
+
+
+def _check_artifacts_out(out: Path) -> None:
+    """Raise unless ``out`` is new, empty, or an earlier export-artifacts folder (marked)."""
+    if problem := ARTIFACTS_LAYOUT.symlink_problem("--out", out):
+        raise UserInputError(problem)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file. Choose a folder.")
-    if out.exists() and any(out.iterdir()):
-        if not (out / "artifacts.json").is_file():
-            raise UserInputError(f"--out {out} holds other files. Choose an empty or new folder.")
-        shutil.rmtree(out)  # a previous export-artifacts: replaced whole, never mixed
+    if not out.exists() or not [n for n in os.listdir(out) if n != LOCK_FILE]:
+        return
+    try:
+        marker = read_marker(out, ARTIFACTS_KIND)
+    except RecordError as e:
+        raise UserInputError(f"--out: {e}") from None
+    if marker is None:
+        raise UserInputError(f"--out {out} holds other files (no {ARTIFACTS_MARKER}: not an "
+                             "earlier `edgetrain export-artifacts`). Choose an empty or new "
+                             "folder.")
+    if problem := protected_folder_problem("--out", out, "replacing artifacts"):
+        raise UserInputError(problem)
+
+
+def _remove_stale_builds(out: Path) -> None:
+    """Build folders a killed export-artifacts left beside ``out`` (``.NAME.<hex>.tmp``):
+    only the artifact files in them are removed, then the folder if it is empty."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[0-9a-f]{{8}}\.tmp")
+    for entry in os.scandir(out.parent):
+        if pattern.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            if not ARTIFACTS_LAYOUT.remove(Path(entry.path)):
+                os.rmdir(entry.path)
+
+
+def _build_artifacts(ort, folder: Path, k: int, module: nn.Module, head: nn.Module, plan,
+                     info, config) -> dict:
+    """Write and check every artifact of module ``k`` in ``folder``."""
+    import onnx
+
+    from edgetrain.training.scheduler import tau_for
+
     tau = tau_for(config)[k]
     input_shape = (plan.in_channels, plan.in_size, plan.in_size)
     paths = build_training_artifacts(module, head, input_shape, tau, config.label_smoothing,
-                                     config.weight_decay, out)
+                                     config.weight_decay, folder)
     export_inference_graph(module, head, input_shape, paths.inference_model)
     graph = onnx.load(str(paths.inference_model))
     description = describe(k, len(info.modules), plan, info, config, tau)
@@ -216,8 +298,8 @@ def export_training_artifacts(run_dir: Path, k: int, out: Path) -> dict:
         state = ort.CheckpointState.load_checkpoint(str(paths.checkpoint))
         session = ort.Module(str(paths.training_model), state)
         ort.Optimizer(str(paths.optimizer_model), session)
-    (out / "artifacts.json").write_text(json.dumps(description, indent=2) + "\n")
-    (out / "README.txt").write_text(readme_text(description))
+    (folder / "artifacts.json").write_text(json.dumps(description, indent=2) + "\n")
+    (folder / "README.txt").write_text(readme_text(description))
     return description
 
 

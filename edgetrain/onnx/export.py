@@ -19,6 +19,10 @@ logits; then the test accuracy of both, which must be equal.
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +33,8 @@ from torch import nn
 
 from edgetrain.errors import UserInputError
 from edgetrain.onnx.graphs import EXPORTER, OPSET, export_graph, exportable, set_metadata
-from edgetrain.runs.model import ModelInfo, load_stitched, open_run
+from edgetrain.paths import path_problem, shown
+from edgetrain.runs.model import ModelInfo, load_stitched, open_run, reading_run
 
 TOLERANCE = 1e-4
 BATCH = 256
@@ -58,39 +63,100 @@ class ExportReport:
 def export_run(run_dir: Path, out: Path, per_module: bool = False,
                data_dir: Path | None = None) -> ExportReport:
     """Export the run's stitched network to ``out`` (and its modules, if ``per_module``), then
-    verify it; raise :class:`ExportVerificationError` if it disagrees with torch."""
-    network, info = load_stitched(run_dir)
-    _, _, config = open_run(run_dir)
+    verify it; raise :class:`ExportVerificationError` if it disagrees with torch.
+
+    Atomic: every graph is written under a temporary name beside its final one and renamed
+    only once verification has passed, so ``out`` is either the old file or a verified new one.
+    An existing file at a final name is replaced only if edgetrain exported it (its metadata
+    says so). The run is read under its shared lock: no `fit --overwrite` replaces it meanwhile.
+    """
     if out.suffix != ".onnx":
         raise UserInputError(f"--out {out} should end in .onnx, e.g. --out model.onnx.")
     if out.is_dir():
         raise UserInputError(f"--out {out} is a folder. Give a file name such as model.onnx.")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with reading_run(run_dir):
+        network, info = load_stitched(run_dir)
+        _, _, config = open_run(run_dir)
+        finals = [out] + ([out.with_name(f"{out.stem}.module_{k}.onnx")
+                           for k in range(len(network.stages))] if per_module else [])
+        temps = {path: _temporary_name(path) for path in finals}
+        for path in (*finals, *temps.values()):
+            if path_problem("--out", path):  # out itself passed: the names made from it
+                raise UserInputError(
+                    f"--out {shown(out)}: the files export writes beside it (such as "
+                    f"{shown(path.name)}) get names too long for this filesystem. Choose a "
+                    "shorter --out.")
+        for path in finals:
+            if problem := _replace_problem(path):
+                raise UserInputError(problem)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+        try:
+            report = _export_and_verify(network, info, config, run_dir, out, temps, data_dir)
+            for final, temp in temps.items():
+                os.replace(temp, final)  # verified: only now does it take the real name
+        finally:
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+    return report
+
+
+def _export_and_verify(network, info: ModelInfo, config, run_dir: Path, out: Path,
+                       temps: dict[Path, Path], data_dir: Path | None) -> ExportReport:
     shape = (info.in_channels, info.image_size, info.image_size)
     props = _metadata(info, run_dir)
-
-    export_inference(network, shape, out, "logits", props,
+    export_inference(network, shape, temps[out], "logits", props,
                      f"edgetrain {info.model}, {len(info.modules)} modules stitched, eval mode")
-    module_paths = []
-    if per_module:
-        last = len(network.stages) - 1
-        for k, stage in enumerate(network.stages):
-            path = out.with_name(f"{out.stem}.module_{k}.onnx")
-            part = _Stage(stage, network.head if k == last else None)
-            export_inference(part, _stage_input(info, k), path,
-                             "logits" if k == last else "features", {**props,
-                             "edgetrain.module": str(k)},
-                             f"edgetrain {info.model}, module {k} of {last + 1}"
-                             + (" + classifier head" if k == last else ""))
-            module_paths.append(path)
+    module_paths = [p for p in temps if p != out]
+    last = len(network.stages) - 1
+    for k, path in enumerate(module_paths):
+        part = _Stage(network.stages[k], network.head if k == last else None)
+        export_inference(part, _stage_input(info, k), temps[path],
+                         "logits" if k == last else "features",
+                         {**props, "edgetrain.module": str(k)},
+                         f"edgetrain {info.model}, module {k} of {last + 1}"
+                         + (" + classifier head" if k == last else ""))
 
     report = ExportReport(out, module_paths, OPSET, EXPORTER, info.mean, info.std)
     from edgetrain.data import load_dataset
 
     data = load_dataset(config.dataset, data_dir or config.data_dir, False, config.image_size,
                         config.train_limit, config.test_limit, config.seed)
-    verify(network, out, module_paths, data, report)
+    verify(network, temps[out], [temps[p] for p in module_paths], data, report)
     return report
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Temporary files an export killed mid-write left beside ``path`` (``.NAME.<hex>.tmp``
+    for NAME ``path``'s name or one of its per-module names, whether this export writes them
+    or not; regular files only: names edgetrain alone makes)."""
+    names = rf"{re.escape(path.name)}|{re.escape(path.stem)}\.module_[0-9]+\.onnx"
+    pattern = re.compile(rf"\.(?:{names})\.[0-9a-f]{{8}}\.tmp")
+    for entry in os.scandir(path.parent):
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+
+
+def _replace_problem(path: Path) -> str | None:
+    """Why the file at ``path`` must not be replaced by an export, or None."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    if path.is_symlink() or not path.is_file():
+        return (f"--out {path} exists and is not a regular file; edgetrain does not replace "
+                "it. Choose another --out.")
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+        keys = {p.key for p in graph.metadata_props}
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
+        keys = set()
+    if "edgetrain.exporter" not in keys:
+        return (f"--out {path} already exists and is not an ONNX file edgetrain exported; it is "
+                "left as it is. Choose another --out, or move that file away first.")
+    return None
 
 
 def export_inference(model: nn.Module, input_shape: tuple[int, ...], path: Path, output: str,
@@ -130,13 +196,13 @@ def verify(network: nn.Module, path: Path, module_paths: list[Path], data,
         first = False
         for xb, eb in batches:
             got = whole.run(None, {"input": xb.numpy()})[0]
-            diff = max(diff, float(np.abs(got - eb).max()))
+            diff = max(diff, _max_abs_diff(got, eb))
             sizes.add(len(xb))
             if parts:
                 features = xb.numpy()
                 for part in parts:
                     features = part.run(None, {"input": features})[0]
-                parts_diff = max(parts_diff, float(np.abs(features - eb).max()))
+                parts_diff = max(parts_diff, _max_abs_diff(features, eb))
         labels = labels.numpy()
         correct_torch += int((expected.argmax(1) == labels).sum())
         correct_onnx += int((got.argmax(1) == labels).sum())
@@ -147,10 +213,11 @@ def verify(network: nn.Module, path: Path, module_paths: list[Path], data,
     report.torch_accuracy = correct_torch / max(seen, 1)
     report.onnx_accuracy = correct_onnx / max(seen, 1)
     problems = []
-    if diff > TOLERANCE:
-        problems.append(f"onnxruntime's logits differ from torch's by up to {diff:.3g} "
+    if not diff <= TOLERANCE:  # written so that a NaN difference fails too
+        problems.append("the outputs hold NaN or infinite values" if math.isinf(diff) else
+                        f"onnxruntime's logits differ from torch's by up to {diff:.3g} "
                         f"(tolerance {TOLERANCE:g})")
-    if parts and parts_diff > TOLERANCE:
+    if parts and not parts_diff <= TOLERANCE:
         problems.append(f"the chained per-module graphs differ from torch by up to "
                         f"{parts_diff:.3g} (tolerance {TOLERANCE:g})")
     if correct_torch != correct_onnx:
@@ -161,6 +228,14 @@ def verify(network: nn.Module, path: Path, module_paths: list[Path], data,
             f"The exported graph {path} does not match the torch network: "
             + "; ".join(problems) + ". Do not deploy it; please report this with the run's "
             "model.json and your torch/onnx/onnxruntime versions.")
+
+
+def _max_abs_diff(got: np.ndarray, expected: np.ndarray) -> float:
+    """The largest absolute difference; infinite if either side holds a NaN or an infinity
+    (NaN compares false with everything, so a plain max would let it pass)."""
+    if not (np.isfinite(got).all() and np.isfinite(expected).all()):
+        return math.inf
+    return float(np.abs(got - expected).max())
 
 
 class _Stage(nn.Module):

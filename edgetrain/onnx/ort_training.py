@@ -33,8 +33,6 @@ recomputed with torch (tests/test_onnx.py checks both facts).
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import torch
 from torch import nn
@@ -79,7 +77,8 @@ def train_module_ort(ctx: Context, k: int, module: nn.Module, head: nn.Module,
             session.train()
             stats = EpochStats()
             for i, (x, y) in enumerate(module_inputs(ctx, k, True, epoch, frozen)):
-                optimizer.set_learning_rate(plain_sgd_lr(cfg.lr, cfg.momentum, step, total))
+                optimizer.set_learning_rate(
+                    plain_sgd_lr(cfg.lr, cfg.momentum, step, total, cfg.lr_schedule))
                 # Gradients accumulate across calls in ORT: reset them (lazily, inside the next
                 # forward) before every step.
                 session.lazy_reset_grad()
@@ -90,18 +89,18 @@ def train_module_ort(ctx: Context, k: int, module: nn.Module, head: nn.Module,
                 _accumulate_or_stop(stats, numbers, len(y), k, epoch, i)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
             copy_back(state, module, head, steps=step)
-            test_acc = _evaluate_module(ctx, k, epoch, module, head, frozen)
+            test_acc, test_half = _evaluate_module(ctx, k, epoch, module, head, frozen)
             ctx.run.log("epoch", module=k, epoch=epoch,
-                        lr=plain_sgd_lr(cfg.lr, cfg.momentum, step, total),
-                        test_accuracy=test_acc, backend="ort", **stats.as_dict())
+                        lr=plain_sgd_lr(cfg.lr, cfg.momentum, step, total, cfg.lr_schedule),
+                        test_accuracy=test_acc, test_accuracy_half=test_half, backend="ort",
+                        **stats.as_dict())
     # Free ORT's copy of the weights, its gradient buffers and its activation arena before the
     # scheduler caches with torch and builds the next module.
     del optimizer, session, state
     # The artifacts hold this module's *initial* weights: stale once trained (the trained ones
     # are saved by the scheduler; `edgetrain export-artifacts` writes trainable ones).
-    shutil.rmtree(folder, ignore_errors=True)
-    if not any((ctx.run.root / "ort").iterdir()):
-        (ctx.run.root / "ort").rmdir()
+    # Only the artifact files edgetrain wrote are removed (edgetrain/runs/ownership.py).
+    ctx.run.remove("ort")
     return test_acc
 
 

@@ -1,7 +1,7 @@
 """The learning rate ORT's plain SGD gets, step by step, to stand in for torch's SGD.
 
-The torch backend uses SGD with heavy-ball momentum m and a cosine schedule
-(``edgetrain.training.steps.make_optimizer``): it keeps ``v_t = m v_(t-1) + g_t`` and steps
+The torch backend uses SGD with heavy-ball momentum m and a schedule
+(``edgetrain.training.sgd.lr_at``): it keeps ``v_t = m v_(t-1) + g_t`` and steps
 ``lr_t * v_t``. ORT 1.19's SGD op has no momentum (see artifacts.py). For a constant gradient g,
 ``v_t = (1 - m^(t+1)) / (1 - m) * g``, so plain SGD given
 
@@ -18,16 +18,7 @@ far behind the weights (seen: 8% aux test accuracy after a 10-step epoch, 46% wi
 
 from __future__ import annotations
 
-import math
-
-
-def cosine_lr(base: float, step: int, total: int) -> float:
-    """The torch backend's schedule: cosine from ``base`` at step 0 to 0 at step ``total``.
-
-    >>> cosine_lr(0.1, 0, 10), cosine_lr(0.1, 5, 10), cosine_lr(0.1, 10, 10)
-    (0.1, 0.05, 0.0)
-    """
-    return base * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+from edgetrain.training.sgd import lr_at
 
 
 def momentum_gain(momentum: float, step: int) -> float:
@@ -41,10 +32,11 @@ def momentum_gain(momentum: float, step: int) -> float:
     return (1.0 - momentum ** (step + 1)) / (1.0 - momentum)
 
 
-def plain_sgd_lr(lr: float, momentum: float, step: int, total: int) -> float:
-    """ORT's SGD learning rate at ``step`` of ``total``: cosine x momentum gain.
+def plain_sgd_lr(lr: float, momentum: float, step: int, total: int,
+                 schedule: str = "cosine") -> float:
+    """ORT's SGD learning rate at ``step`` of ``total``: the schedule x momentum gain.
 
     >>> round(plain_sgd_lr(0.05, 0.9, 0, 100), 6), round(plain_sgd_lr(0.05, 0.9, 50, 100), 6)
     (0.05, 0.24884)
     """
-    return cosine_lr(lr, step, total) * momentum_gain(momentum, step)
+    return lr_at(schedule, lr, step, total) * momentum_gain(momentum, step)

@@ -8,18 +8,32 @@ Only the files are read: nothing of the run's training state (optimiser, cache) 
 
 from __future__ import annotations
 
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from edgetrain.config import FitConfig
+from edgetrain.data.registry import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from edgetrain.errors import UserInputError
 from edgetrain.models.heads import AuxHead
 from edgetrain.models.network import StitchedNetwork, build_head, build_module, build_network
-from edgetrain.models.resnet import ResNetModule, ResNetSpec, resnet_spec
+from edgetrain.models.resnet import (
+    MAX_WIDTH,
+    RESNET_DEPTHS,
+    SHORTCUTS,
+    ResNetModule,
+    ResNetSpec,
+    resnet_spec,
+)
 from edgetrain.models.split import ModulePlan, plan_modules
-from edgetrain.runs.files import load_weights
+from edgetrain.records import Fields, RecordError, read_json_object
+from edgetrain.runs.lock import RunLock
+from edgetrain.runs.ownership import RUN_KIND, read_marker
 from edgetrain.runs.rundir import RunDir
+from edgetrain.runs.weights import WeightsCorruptError, load_weights, shapes_problem
 
 
 @dataclass(frozen=True)
@@ -35,18 +49,40 @@ class ModelInfo:
     std: tuple[float, ...]
     dataset: str
     modules: tuple[tuple[int, int], ...]
+    shortcut: str = "conv"
 
     @classmethod
     def read(cls, path: Path) -> ModelInfo:
-        data = json.loads(path.read_text())
-        return cls(model=data["model"], widths=tuple(data["widths"]),
-                   in_channels=data["in_channels"], num_classes=data["num_classes"],
-                   image_size=data["image_size"], mean=tuple(data["mean"]),
-                   std=tuple(data["std"]), dataset=data["dataset"],
-                   modules=tuple((a, b) for a, b in data["modules"]))
+        """model.json, every field checked (names, ranges, a split that covers the network's
+        blocks in order) before anything is built from it. RecordError names file and field."""
+        f = Fields(read_json_object(path), path)
+        model = f.str("model", choices=RESNET_DEPTHS)
+        widths = tuple(f.ints("widths", low=1, high=MAX_WIDTH))
+        in_channels = f.int("in_channels", low=1, high=4)
+        num_classes = f.int("num_classes", low=2, high=100_000)
+        image_size = f.int("image_size", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
+        mean = tuple(f.floats("mean", length=in_channels))
+        std = tuple(f.floats("std", low=1e-12, length=in_channels))
+        shortcut = f.str("shortcut", choices=SHORTCUTS, optional=True) or "conv"
+        spec = resnet_spec(model, in_channels, widths, shortcut)
+        modules = tuple(tuple(m) for m in f.list("modules"))
+        expected_start = 0
+        for m in modules:
+            if len(m) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in m) \
+                    or m[0] != expected_start or m[1] <= m[0]:
+                raise RecordError(f"{path}: field 'modules' must be contiguous [start, stop] "
+                                  f"block ranges from 0 to {len(spec.blocks)} (found "
+                                  f"{list(modules)!r:.80}).")
+            expected_start = m[1]
+        if expected_start != len(spec.blocks):
+            raise RecordError(f"{path}: field 'modules' must cover the {len(spec.blocks)} blocks "
+                              f"of {model} (found {list(modules)!r:.80}).")
+        return cls(model=model, widths=widths, in_channels=in_channels,
+                   num_classes=num_classes, image_size=image_size, mean=mean, std=std,
+                   dataset=f.str("dataset"), modules=modules, shortcut=shortcut)
 
     def spec(self) -> ResNetSpec:
-        return resnet_spec(self.model, self.in_channels, self.widths)
+        return resnet_spec(self.model, self.in_channels, self.widths, self.shortcut)
 
     def plans(self) -> list[ModulePlan]:
         """The recorded split (whatever --split made it), not a recomputed one."""
@@ -67,15 +103,43 @@ def open_run(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[RunDir, ModelIn
             "Pass the --out folder of an `edgetrain fit` run that ran to the end."
         )
     info = ModelInfo.read(run.model_info_path)
-    config = FitConfig.from_dict(json.loads(run.config_path.read_text()))
+    config = FitConfig.from_dict(read_json_object(run.config_path), str(run.config_path))
     return run, info, config
+
+
+@contextmanager
+def reading_run(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock shared while a run is read (export): a `fit --overwrite` or
+    `--resume` of it waits its turn instead of replacing files under the reader. Runs written
+    before run folders were marked have no lock to share; they are read as they are."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or read_marker(run_dir, RUN_KIND) is None:
+        yield
+        return
+    with RunLock(run_dir, "RUN_DIR", shared=True):
+        yield
 
 
 def load_stitched(run_dir: Path) -> tuple[StitchedNetwork, ModelInfo]:
     """The deployable network of a run (modules in order + last head), in eval mode, on CPU."""
     run, info, _ = open_run(run_dir, need=("model.safetensors",))
+    # model.json's sizes are checked against the weights' header before anything is built.
+    with torch.device("meta"):
+        expected = build_network(info.spec(), info.plans(), info.num_classes).state_dict()
+    if problem := shapes_problem(run.model_path, {k: tuple(v.shape)
+                                                  for k, v in expected.items()}):
+        raise UserInputError(f"{problem}: model.json and model.safetensors do not agree.")
     network = build_network(info.spec(), info.plans(), info.num_classes)
-    network.load_state_dict(load_weights(run.model_path))
+    try:
+        state = load_weights(run.model_path)
+    except WeightsCorruptError as e:
+        raise UserInputError(f"{e}. Rebuild it with `edgetrain fit --resume` in that run "
+                             "folder.") from None
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserInputError(f"{run.model_path} does not hold the network model.json "
+                             f"describes ({str(e).splitlines()[0]}).") from None
     return network.eval(), info
 
 
@@ -91,11 +155,26 @@ def load_module(run_dir: Path, k: int) -> tuple[ResNetModule, AuxHead, ModulePla
     if not path.is_file():
         raise UserInputError(f"{path} is missing: module {k} of this run was not trained "
                              "(or the run used --method e2e, which has no per-module weights).")
-    state = load_weights(path)
+    try:
+        state = load_weights(path)
+    except WeightsCorruptError as e:
+        raise UserInputError(f"{e}. Retrain it with `edgetrain fit --resume` in that run "
+                             "folder.") from None
+    with torch.device("meta"):
+        expected = {f"module.{n}": tuple(t.shape)
+                    for n, t in build_module(info.spec(), plans[k]).state_dict().items()}
+        expected |= {f"head.{n}": tuple(t.shape)
+                     for n, t in build_head(plans[k], info.num_classes).state_dict().items()}
+    if problem := shapes_problem(path, expected):
+        raise UserInputError(f"{problem}: model.json and {path.name} do not agree.")
     module = build_module(info.spec(), plans[k])
     head = build_head(plans[k], info.num_classes)
-    module.load_state_dict(_strip(state, "module."))
-    head.load_state_dict(_strip(state, "head."))
+    try:
+        module.load_state_dict(_strip(state, "module."))
+        head.load_state_dict(_strip(state, "head."))
+    except RuntimeError as e:
+        raise UserInputError(f"{path} does not hold module {k} as model.json describes it "
+                             f"({str(e).splitlines()[0]}).") from None
     return module.eval(), head.eval(), plans[k]
 
 

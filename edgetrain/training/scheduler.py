@@ -28,8 +28,8 @@ with.
 
 from __future__ import annotations
 
+import functools
 import gc
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,10 +51,16 @@ from edgetrain.models.network import (
 )
 from edgetrain.models.resnet import ResNetSpec
 from edgetrain.models.split import ModulePlan
-from edgetrain.runs.files import load_weights, save_weights
+from edgetrain.records import Fields
 from edgetrain.runs.progress import ProgressBars
-from edgetrain.runs.rundir import RunDir
-from edgetrain.training.checkpoints import load_checkpoint, save_checkpoint
+from edgetrain.runs.rundir import RunDir, check_module_record
+from edgetrain.runs.weights import RUN_ID_KEY, load_weights, save_weights, weights_problem
+from edgetrain.training.checkpoints import (
+    CheckpointDamagedError,
+    NonFiniteWeightsError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from edgetrain.training.steps import (
     EpochStats,
     NonFiniteLossError,
@@ -64,8 +70,9 @@ from edgetrain.training.steps import (
     greedy_step,
     make_optimizer,
     set_train,
+    test_half,
 )
-from edgetrain.training.transport import module_loss, tau_schedule
+from edgetrain.training.transport import Multipliers, module_loss, tau_schedule
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -84,6 +91,16 @@ class Context:
     meter: MemoryMeter
     bars: ProgressBars
     memory_plan: MemoryPlan | None = None
+    lap: int = 0
+    """The lap of multi-lap sequential training in progress (0 for one lap)."""
+
+    @property
+    def epochs_per_lap(self) -> int:
+        return self.config.epochs // self.config.laps
+
+    def checkpoint_name(self, k: int) -> str:
+        """Epoch checkpoint of module ``k`` in the current lap."""
+        return str(k) if self.lap == 0 else f"lap{self.lap}_{k}"
 
     def micro_batch(self, phase: int) -> int | None:
         """The planner's micro-batch for this phase (None: the whole batch at once)."""
@@ -91,11 +108,38 @@ class Context:
             return None
         return self.memory_plan.phase(phase).micro_batch
 
-    def finished_modules(self) -> dict[int, dict]:
-        """Modules an earlier run of this folder finished (weights saved, result logged)."""
-        done = {e["module"]: {k: v for k, v in e.items() if k not in ("event", "time")}
-                for e in self.run.read_metrics() if e["event"] == "module"}
-        return {k: r for k, r in done.items() if self.run.module_path(k).exists()}
+    def finished_modules(self) -> dict[tuple[int, int], dict]:
+        """``(lap, module)`` steps an earlier run of this folder finished: result logged,
+        weights saved and intact (checksum). From the first module that fails the check on,
+        nothing counts as finished: modules after a damaged one were trained on its outputs,
+        so they are trained again with it. A module file of another run (its run id), or one
+        that does not hold the module this run's configuration builds, is not finished either.
+        With several laps a module file holds its latest lap only, so a damaged one sends
+        training back to the start."""
+        logged = finished_module_records(self.run, len(self.plans))
+        for k in sorted({k for _, k in logged}):
+            if problem := weights_problem(self.run.module_path(k), self.run.run_id,
+                                          self.module_shapes(k)):
+                retrain = [step for step in logged if step[1] >= k] if self.config.laps == 1 \
+                    else list(logged)
+                self.run.log("module_damaged", module=k, problem=problem,
+                             retrain=[list(step) for step in sorted(retrain)])
+                return {step: r for step, r in logged.items() if step not in retrain}
+        return logged
+
+    def module_shapes(self, k: int) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor of module ``k`` and its head, as saved (built on
+        the meta device: nothing is allocated)."""
+        with torch.device("meta"):
+            return {name: tuple(t.shape) for name, t in _module_state(
+                build_module(self.spec, self.plans[k]),
+                build_head(self.plans[k], self.num_classes)).items()}
+
+    def network_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name and shape of every tensor of the stitched network (model.safetensors)."""
+        with torch.device("meta"):
+            network = build_network(self.spec, self.plans, self.num_classes)
+            return {name: tuple(t.shape) for name, t in network.state_dict().items()}
 
     def inference_batch_size(self, phase: int | None = None) -> int:
         """Batch size for evaluation and caching: the planned micro-batch, so inference never
@@ -115,12 +159,36 @@ class Context:
     def num_classes(self) -> int:
         return self.data.info.num_classes
 
+    @functools.cached_property
+    def test_half(self) -> torch.Tensor:
+        """The fixed random half of the test set the authors' metric is computed on."""
+        return test_half(len(self.data.test), self.config.seed)
+
     def generator(self, *salt: int) -> torch.Generator:
         """A CPU generator seeded from the run's seed and ``salt``: reproducible, independent
         streams for data order and augmentation of each module and epoch."""
         g = torch.Generator()
         g.manual_seed(hash((self.config.seed, *salt)) & 0x7FFF_FFFF_FFFF_FFFF)
         return g
+
+
+def finished_module_records(run: RunDir, num_modules: int | None = None
+                            ) -> dict[tuple[int, int], dict]:
+    """The "module" records of the run's log, by ``(lap, module)`` (the last one of each
+    wins); RecordError if a record is malformed (every field that is reused is checked)."""
+    done = {}
+    for e in run.read_metrics():
+        if e["event"] != "module":
+            continue
+        f = Fields(e, run.metrics_path, " (a 'module' record)")
+        k = check_module_record(f, num_modules)
+        lap = f.int("lap", low=0, optional=True) or 0
+        done[lap, k] = {key: v for key, v in e.items() if key not in ("event", "time")}
+    return done
+
+
+def finished_module_indices(run: RunDir) -> set[int]:
+    return {k for _, k in finished_module_records(run)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,66 +302,93 @@ def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module,
 # ---------------------------------------------------------------------------------------------
 
 def train_sequential(ctx: Context) -> list[dict]:
+    """Train the modules one after the other; with ``--laps N``, N passes over them, each
+    module continuing from its weights of the lap before for E/N epochs (its optimiser and
+    schedule start afresh). Retraining a module invalidates the caches after it: they are
+    rebuilt in order, as each later module is reached. Returns the last lap's results."""
     cfg = ctx.config
-    results: list[dict] = []
-    frozen: list[nn.Module] = []  # only used with --cache none
+    results: dict[int, dict] = {}
     done = ctx.finished_modules()
-    for k, plan in enumerate(ctx.plans):
-        if k in done:
-            # Resuming: module k finished in an earlier run. Keep its logged result; make sure
-            # what the next module reads from it is there and intact.
-            results.append(done[k])
-            if cfg.cache == "none":
-                frozen.append(freeze(load_module(ctx, k)[0]))
-            elif k < len(ctx.plans) - 1 and k + 1 not in done:
-                ensure_cache(ctx, k)
-            continue
+    for lap in range(cfg.laps):
+        ctx.lap = lap
+        frozen: list[nn.Module] = []  # only used with --cache none
+        for k, plan in enumerate(ctx.plans):
+            if (lap, k) in done:
+                # Resuming: module k finished this lap in an earlier run. Keep its logged
+                # result; make sure what the next module reads from it is there and intact.
+                # (A cache written in an earlier lap never survives into this one: each lap
+                # ends by removing every cache, and cache k is rewritten when module k
+                # finishes a lap, before the log says so.)
+                results[k] = done[lap, k]
+                if cfg.cache == "none":
+                    frozen.append(freeze(load_module(ctx, k)[0]))
+                elif k < len(ctx.plans) - 1 and (lap, k + 1) not in done:
+                    ensure_cache(ctx, k)
+                continue
+            results[k] = train_one_module(ctx, k, plan, frozen)
+        if cfg.cache == "disk":
+            ctx.run.remove("cache")
+    return [results[k] for k in range(len(ctx.plans))]
+
+
+def train_one_module(ctx: Context, k: int, plan: ModulePlan, frozen: list[nn.Module]) -> dict:
+    """Module k's step of the current lap: build (or reload) it, train, freeze, cache, save."""
+    cfg = ctx.config
+    ctx.meter.reset()
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed * 1000 + k)
+    # Only module k and its head are built: nothing else of the network is allocated.
+    module = build_module(ctx.spec, plan, cfg.init, cfg.init_gain).to(ctx.device)
+    head = build_head(plan, ctx.num_classes, cfg.init, cfg.init_gain).to(ctx.device)
+    if ctx.lap > 0:
+        # A later lap continues from the module's weights of the lap before.
+        saved, saved_head = load_module(ctx, k)
+        module.load_state_dict(saved.state_dict())
+        head.load_state_dict(saved_head.state_dict())
+        del saved, saved_head
+        set_train(module, head)
+        module.requires_grad_(True)
+        head.requires_grad_(True)
+    set_checkpointing(module, ctx.checkpointing(k))
+    if cfg.backend == "ort":
+        from edgetrain.onnx.ort_training import train_module_ort
+
+        test_acc = train_module_ort(ctx, k, module, head, frozen)
+    else:
+        test_acc = train_module_torch(ctx, k, module, head, frozen)
+    train_peak = ctx.meter.read().peak_bytes
+    train_time = time.perf_counter() - start
+
+    # Frozen from here on: BatchNorm keeps its running statistics, nothing needs grads.
+    freeze(module)
+    freeze(head)
+    cache_time, cache_peak = 0.0, None
+    last = ctx.epochs_per_lap - 1
+    if cfg.cache == "disk" and k < len(ctx.plans) - 1:
         ctx.meter.reset()
-        start = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1000 + k)
-        # Only module k and its head are built: nothing else of the network is allocated.
-        module = build_module(ctx.spec, plan).to(ctx.device)
-        head = build_head(plan, ctx.num_classes).to(ctx.device)
-        set_checkpointing(module, ctx.checkpointing(k))
-        if cfg.backend == "ort":
-            from edgetrain.onnx.ort_training import train_module_ort
-
-            test_acc = train_module_ort(ctx, k, module, head, frozen)
-        else:
-            test_acc = train_module_torch(ctx, k, module, head, frozen)
-        train_peak = ctx.meter.read().peak_bytes
-        train_time = time.perf_counter() - start
-
-        # Frozen from here on: BatchNorm keeps its running statistics, nothing needs grads.
-        freeze(module)
-        freeze(head)
-        cache_time, cache_peak = 0.0, None
-        if cfg.cache == "disk" and k < len(ctx.plans) - 1:
-            ctx.meter.reset()
-            t = time.perf_counter()
-            test_acc = cache_outputs(ctx, k, module, head)
-            cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
-        elif test_acc is None:
-            test_acc = _evaluate_module(ctx, k, cfg.epochs - 1, module, head, frozen, force=True)
-        # The module's weights, then its "module" log line, mark it finished: a run killed
-        # before both exist redoes the module from its last epoch checkpoint.
-        save_weights(ctx.run.module_path(k), _module_state(module, head),
-                     {"module": k, "blocks": f"{plan.start}:{plan.stop}"})
-        results.append(_module_result(ctx, k, test_acc, train_time, train_peak, cache_time,
-                                      cache_peak))
-        ctx.run.log("module", **results[-1])
-        ctx.run.checkpoint_path(k).unlink(missing_ok=True)
-        if k > 0:
-            # Module k+1 reads only cache k: cache k-1 is dead weight on the disk.
-            shutil.rmtree(ctx.run.module_cache_root(k - 1), ignore_errors=True)
-        if cfg.cache == "none":
-            frozen.append(module)  # kept (weights only) to recompute its outputs every batch
-        # Free module k before module k+1 is built: its weights, grads and head go now.
-        del module, head
-        gc.collect()
-    if cfg.cache == "disk":
-        shutil.rmtree(ctx.run.root / "cache", ignore_errors=True)
-    return results
+        t = time.perf_counter()
+        test_acc = cache_outputs(ctx, k, module, head)
+        cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
+    elif test_acc is None:
+        test_acc, _ = _evaluate_module(ctx, k, last, module, head, frozen, force=True)
+    # The module's weights, then its "module" log line, mark it finished: a run killed
+    # before both exist redoes the module from its last epoch checkpoint. A module whose
+    # weights are not finite is never saved as finished.
+    _save_module(ctx, k, module, head, last,
+                 {"module": k, "lap": ctx.lap, "blocks": f"{plan.start}:{plan.stop}"})
+    result = _module_result(ctx, k, test_acc, train_time, train_peak, cache_time, cache_peak)
+    ctx.run.log("module", **result)
+    ctx.run.checkpoint_path(ctx.checkpoint_name(k)).unlink(missing_ok=True)
+    if k > 0:
+        # Module k+1 reads only cache k: cache k-1 is dead weight on the disk.
+        ctx.run.remove(f"cache/module_{k - 1}")
+    if cfg.cache == "none":
+        frozen.append(module)  # kept (weights only) to recompute its outputs every batch
+    # Free module k before module k+1 is built: its weights, grads and head go now (the
+    # caller keeps ``module`` only in ``frozen``, with --cache none).
+    del module, head
+    gc.collect()
+    return result
 
 
 def load_module(ctx: Context, k: int) -> tuple[nn.Module, nn.Module]:
@@ -326,42 +421,61 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     """Train module ``k`` and its head with torch autograd; return the head's last test
     accuracy (None if not evaluated)."""
     cfg = ctx.config
-    steps = cfg.epochs * _steps_per_epoch(ctx)
+    epochs = ctx.epochs_per_lap
+    # Data order and augmentation are seeded by the epoch counted over all laps, so each lap
+    # sees new orders (and one lap draws exactly what it always did).
+    offset = ctx.lap * epochs
+    steps = epochs * _steps_per_epoch(ctx)
     opt, sched = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
-                                cfg.momentum, cfg.weight_decay, steps)
+                                cfg.momentum, cfg.weight_decay, steps, cfg.lr_schedule)
     test_acc = None
+    multipliers = Multipliers() if cfg.tau_schedule == "multipliers" else None
     parts, optimizers = {"module": module, "head": head}, {"opt": (opt, sched)}
-    first = _resume_point(ctx, str(k), parts, optimizers)
-    with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)}", total=steps) as update:
+    if multipliers is not None:
+        parts["multipliers"] = multipliers  # its lambda is part of the checkpoint
+    name = ctx.checkpoint_name(k)
+    first = _resume_point(ctx, name, parts, optimizers)
+    lap = f", lap {ctx.lap + 1}/{cfg.laps}" if cfg.laps > 1 else ""
+    with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)}{lap}", total=steps) as update:
         update(advance=first * _steps_per_epoch(ctx))
-        for epoch in range(first, cfg.epochs):
+        for epoch in range(first, epochs):
             set_train(module, head)
             stats = EpochStats()
-            for step, (x, y) in enumerate(module_inputs(ctx, k, True, epoch, frozen)):
-                _, numbers = greedy_step(module, head, x, y, ctx.taus[k], cfg.label_smoothing,
+            for step, (x, y) in enumerate(module_inputs(ctx, k, True, offset + epoch, frozen)):
+                tau = multipliers.tau if multipliers is not None else ctx.taus[k]
+                _, numbers = greedy_step(module, head, x, y, tau, cfg.label_smoothing,
                                          opt, ctx.micro_batch(k))
                 sched.step()
                 _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
-                update(status=f"epoch {epoch + 1}/{cfg.epochs}")
-            test_acc = _evaluate_module(ctx, k, epoch, module, head, frozen)
+                if multipliers is not None:
+                    multipliers.update(float(numbers["ce"]))
+                update(status=f"epoch {epoch + 1}/{epochs}")
+            test_acc, test_half = _evaluate_module(ctx, k, epoch, module, head, frozen)
             # Checkpoint first, then log: a kill in between repeats an epoch line, never
             # loses an epoch.
-            save_checkpoint(ctx.run.checkpoint_path(k), epoch, parts, optimizers)
+            _checkpoint(ctx, name, k, epoch, parts, optimizers)
             ctx.run.log("epoch", module=k, epoch=epoch, lr=sched.get_last_lr()[0],
-                        test_accuracy=test_acc, **stats.as_dict())
+                        test_accuracy=test_acc, test_accuracy_half=test_half,
+                        **({"lap": ctx.lap} if cfg.laps > 1 else {}),
+                        **({"tau": multipliers.tau} if multipliers is not None else {}),
+                        **stats.as_dict())
     # The optimizer (momentum buffers as large as the weights) dies with this frame.
     return test_acc
 
 
 def _evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: nn.Module,
-                     frozen: list[nn.Module], force: bool = False) -> float | None:
-    last_epoch = epoch == ctx.config.epochs - 1
+                     frozen: list[nn.Module], force: bool = False
+                     ) -> tuple[float | None, float | None]:
+    """The head's test accuracy, on the whole test set and on its fixed half (or Nones when
+    this epoch is not evaluated)."""
+    last_epoch = epoch == ctx.epochs_per_lap - 1
     if not (ctx.config.eval_every_epoch or last_epoch or force):
-        return None
+        return None, None
     module.eval()
     head.eval()
-    (accuracy,) = evaluate([module], [head], module_inputs(ctx, k, False, epoch, frozen))
-    return accuracy
+    result = evaluate([module], [head], module_inputs(ctx, k, False, epoch, frozen),
+                      ctx.test_half)
+    return result.full[0], result.half[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,20 +484,29 @@ def _evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: 
 
 def train_parallel(ctx: Context) -> list[dict]:
     cfg = ctx.config
+    done = ctx.finished_modules()
+    if len(done) == len(ctx.plans):
+        # Resuming a run whose modules were all saved (only its report was missing).
+        return [done[k] for k in range(len(ctx.plans))]
     ctx.meter.reset()
     start = time.perf_counter()
     modules, heads, optimizers = [], [], []
     steps = cfg.epochs * _steps_per_epoch(ctx)
     for k, plan in enumerate(ctx.plans):
         torch.manual_seed(cfg.seed * 1000 + k)
-        modules.append(build_module(ctx.spec, plan).to(ctx.device))
+        modules.append(build_module(ctx.spec, plan, cfg.init, cfg.init_gain).to(ctx.device))
         set_checkpointing(modules[-1], ctx.checkpointing(0))
-        heads.append(build_head(plan, ctx.num_classes).to(ctx.device))
+        heads.append(build_head(plan, ctx.num_classes, cfg.init, cfg.init_gain).to(ctx.device))
         optimizers.append(make_optimizer([*modules[k].parameters(), *heads[k].parameters()],
-                                         cfg.lr, cfg.momentum, cfg.weight_decay, steps))
+                                         cfg.lr, cfg.momentum, cfg.weight_decay, steps,
+                                         cfg.lr_schedule))
     accuracies: list[float | None] = [None] * len(modules)
+    halves: list[float | None] = [None] * len(modules)
+    multipliers = ([Multipliers() for _ in modules] if cfg.tau_schedule == "multipliers"
+                   else None)
     parts = {**{f"module{k}": m for k, m in enumerate(modules)},
-             **{f"head{k}": h for k, h in enumerate(heads)}}
+             **{f"head{k}": h for k, h in enumerate(heads)},
+             **{f"multipliers{k}": m for k, m in enumerate(multipliers or [])}}
     opts = {f"opt{k}": o for k, o in enumerate(optimizers)}
     first = _resume_point(ctx, "parallel", parts, opts)
     with ctx.bars.task(f"{len(modules)} modules in parallel", total=steps) as update:
@@ -396,31 +519,38 @@ def train_parallel(ctx: Context) -> list[dict]:
                         zip(modules, heads, optimizers)):
                     # Module k's backward runs (and frees its activations) before module k+1's
                     # forward: one module's activations are alive at a time.
-                    x, numbers = greedy_step(module, head, x, y, ctx.taus[k],
-                                             cfg.label_smoothing, opt, ctx.micro_batch(0))
+                    tau = multipliers[k].tau if multipliers is not None else ctx.taus[k]
+                    x, numbers = greedy_step(module, head, x, y, tau, cfg.label_smoothing, opt,
+                                             ctx.micro_batch(0))
                     sched.step()
                     _accumulate_or_stop(stats[k], numbers, len(y), k, epoch, step)
+                    if multipliers is not None:
+                        multipliers[k].update(float(numbers["ce"]))
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
                 for m in (*modules, *heads):
                     m.eval()
-                accuracies = evaluate(modules, heads, raw_batches(
-                    ctx, False, False, None, batch_size=ctx.inference_batch_size()))
-            save_checkpoint(ctx.run.checkpoint_path("parallel"), epoch, parts, opts)
+                result = evaluate(modules, heads, raw_batches(
+                    ctx, False, False, None, batch_size=ctx.inference_batch_size()),
+                    ctx.test_half)
+                accuracies, halves = result.full, result.half
+            _checkpoint(ctx, "parallel", None, epoch, parts, opts)
             for k in range(len(modules)):
                 ctx.run.log("epoch", module=k, epoch=epoch,
                             lr=optimizers[k][1].get_last_lr()[0],
-                            test_accuracy=accuracies[k], **stats[k].as_dict())
+                            test_accuracy=accuracies[k], test_accuracy_half=halves[k],
+                            **({"tau": multipliers[k].tau} if multipliers else {}),
+                            **stats[k].as_dict())
     if accuracies[0] is None:  # resumed after the last epoch: nothing was evaluated yet
         for m in (*modules, *heads):
             m.eval()
         accuracies = evaluate(modules, heads, raw_batches(
-            ctx, False, False, None, batch_size=ctx.inference_batch_size()))
+            ctx, False, False, None, batch_size=ctx.inference_batch_size())).full
     peak = ctx.meter.read().peak_bytes
     elapsed = time.perf_counter() - start
     results = []
     for k, (module, head) in enumerate(zip(modules, heads)):
-        save_weights(ctx.run.module_path(k), _module_state(module, head), {"module": k})
+        _save_module(ctx, k, module, head, cfg.epochs - 1, {"module": k})
         results.append(_module_result(ctx, k, accuracies[k], elapsed, peak, 0.0, None))
         ctx.run.log("module", **results[-1])
     return results
@@ -434,11 +564,12 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
     cfg = ctx.config
     ctx.meter.reset()
     torch.manual_seed(cfg.seed * 1000)
-    network = build_network(ctx.spec, ctx.plans, ctx.num_classes).to(ctx.device)
+    network = build_network(ctx.spec, ctx.plans, ctx.num_classes, cfg.init,
+                            cfg.init_gain).to(ctx.device)
     set_checkpointing(network, ctx.checkpointing(0))
     steps = cfg.epochs * _steps_per_epoch(ctx)
     opt, sched = make_optimizer(network.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
-                                steps)
+                                steps, cfg.lr_schedule)
     first = _resume_point(ctx, "e2e", {"network": network}, {"opt": (opt, sched)})
     with ctx.bars.task("end to end", total=steps) as update:
         update(advance=first * _steps_per_epoch(ctx))
@@ -451,15 +582,16 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
                 sched.step()
                 _accumulate_or_stop(stats, numbers, len(y), None, epoch, step)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
-            accuracy = None
+            accuracy = half = None
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
                 network.eval()
-                (accuracy,) = evaluate([_Whole(network)], [nn.Identity()], raw_batches(
-                    ctx, False, False, None, batch_size=ctx.inference_batch_size()))
-            save_checkpoint(ctx.run.checkpoint_path("e2e"), epoch, {"network": network},
-                            {"opt": (opt, sched)})
+                result = evaluate([_Whole(network)], [nn.Identity()], raw_batches(
+                    ctx, False, False, None, batch_size=ctx.inference_batch_size()),
+                    ctx.test_half)
+                accuracy, half = result.full[0], result.half[0]
+            _checkpoint(ctx, "e2e", None, epoch, {"network": network}, {"opt": (opt, sched)})
             ctx.run.log("epoch", module=None, epoch=epoch, lr=sched.get_last_lr()[0],
-                        test_accuracy=accuracy, **stats.as_dict())
+                        test_accuracy=accuracy, test_accuracy_half=half, **stats.as_dict())
     ctx.run.log("phase", name="e2e", peak_memory_bytes=ctx.meter.read().peak_bytes)
     return network
 
@@ -516,10 +648,9 @@ def stitch(ctx: Context) -> StitchedNetwork:
 def test_accuracy(ctx: Context, network: StitchedNetwork) -> float:
     """End-to-end accuracy of the stitched network on the raw (normalised) test set."""
     freeze(network)
-    (accuracy,) = evaluate([_Whole(network)], [nn.Identity()],
-                           raw_batches(ctx, False, False, None,
-                                       batch_size=ctx.inference_batch_size()))
-    return accuracy
+    return evaluate([_Whole(network)], [nn.Identity()],
+                    raw_batches(ctx, False, False, None,
+                                batch_size=ctx.inference_batch_size())).full[0]
 
 
 def tau_for(config: FitConfig) -> list[float]:
@@ -529,13 +660,40 @@ def tau_for(config: FitConfig) -> list[float]:
 
 
 def _resume_point(ctx: Context, name: str, parts: dict, optimizers: dict) -> int:
-    """The first epoch to run: after the last checkpointed one, or 0 for a fresh start."""
+    """The first epoch to run: after the last checkpointed one, or 0 for a fresh start (also
+    when the checkpoint is damaged: it is discarded, and the log says why)."""
     path = ctx.run.checkpoint_path(name)
     if not path.exists():
         return 0
-    first = load_checkpoint(path, parts, optimizers, ctx.device) + 1
+    try:
+        first = load_checkpoint(path, parts, optimizers, ctx.device, ctx.epochs_per_lap,
+                                ctx.run.run_id) + 1
+    except CheckpointDamagedError as e:
+        ctx.run.log("checkpoint_discarded", phase=name, reason=str(e))
+        path.unlink()
+        return 0
     ctx.run.log("resume", phase=name, epoch=first)
     return first
+
+
+def _checkpoint(ctx: Context, name: int | str, module: int | None, epoch: int, parts: dict,
+                optimizers: dict) -> None:
+    """The epoch checkpoint; a diverged state stops the run instead (the previous
+    checkpoint, still finite, stays)."""
+    try:
+        save_checkpoint(ctx.run.checkpoint_path(name), epoch, parts, optimizers, ctx.run.run_id)
+    except NonFiniteWeightsError as e:
+        raise NonFiniteLossError(module, epoch, None, "non-finite weights", str(e)) from None
+
+
+def _save_module(ctx: Context, k: int, module: nn.Module, head: nn.Module, epoch: int,
+                 metadata: dict) -> None:
+    state = _module_state(module, head)
+    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteLossError(k, epoch, None, "non-finite weights",
+                                 str(NonFiniteWeightsError(bad)))
+    save_weights(ctx.run.module_path(k), state, {**metadata, RUN_ID_KEY: ctx.run.run_id})
 
 
 def _steps_per_epoch(ctx: Context) -> int:
@@ -562,7 +720,7 @@ def _module_result(ctx: Context, k: int, accuracy: float | None, train_time: flo
     plan = ctx.plans[k]
     phase = ctx.memory_plan.phase(k if ctx.config.mode == "sequential" else 0) \
         if ctx.memory_plan else None
-    return {"module": k, "blocks": [plan.start, plan.stop], "tau": ctx.taus[k],
+    return {"module": k, "lap": ctx.lap, "blocks": [plan.start, plan.stop], "tau": ctx.taus[k],
             "predicted_peak_memory_bytes": phase.predicted_peak_bytes if phase else None,
             "micro_batch": phase.micro_batch if phase else ctx.config.batch_size,
             "checkpointing": ctx.checkpointing(k if ctx.config.mode == "sequential" else 0),

@@ -62,18 +62,50 @@ class SGD:
                 self.buffers[i] = state[f"momentum.{i}"].to(p.device, p.dtype).clone()
 
 
-class CosineSchedule:
-    """Learning rate from ``peak`` to 0 along a half cosine over ``total_steps`` steps."""
+LR_SCHEDULES = ("cosine", "constant", "step")
+STEP_MILESTONES = (0.6, 0.8)
+"""--lr-schedule step: where (as fractions of a module's steps) the rate is divided."""
+STEP_DECAY = 0.2
+"""--lr-schedule step: the factor at each milestone (the authors' end-to-end baseline: 0.1,
+divided by 5 at epochs 120 and 160 of 200)."""
 
-    def __init__(self, optimizer: SGD, total_steps: int):
+
+def lr_at(kind: str, peak: float, step: int, total: int) -> float:
+    """The learning rate at ``step`` of ``total`` under schedule ``kind``.
+
+    cosine: from ``peak`` to 0 along a half cosine; constant: ``peak`` throughout (the
+    authors' module-wise runs); step: ``peak``, times 0.2 after 60% and again after 80%.
+
+    >>> lr_at("cosine", 0.1, 0, 10), lr_at("cosine", 0.1, 5, 10), lr_at("cosine", 0.1, 10, 10)
+    (0.1, 0.05, 0.0)
+    >>> lr_at("constant", 0.1, 7, 10)
+    0.1
+    >>> [round(lr_at("step", 0.1, s, 10), 4) for s in (0, 5, 6, 7, 8, 9)]
+    [0.1, 0.1, 0.02, 0.02, 0.004, 0.004]
+    """
+    total = max(total, 1)
+    step = min(step, total)
+    if kind == "cosine":
+        return 0.5 * peak * (1 + math.cos(math.pi * step / total))
+    if kind == "constant":
+        return peak
+    if kind == "step":
+        return peak * STEP_DECAY ** sum(step >= m * total for m in STEP_MILESTONES)
+    raise ValueError(f"unknown learning-rate schedule {kind!r}")  # validate() checks the flag
+
+
+class LRSchedule:
+    """Sets ``optimizer.lr`` from its peak along schedule ``kind`` over ``total_steps``."""
+
+    def __init__(self, optimizer: SGD, total_steps: int, kind: str = "cosine"):
         self.optimizer = optimizer
         self.peak = optimizer.lr
+        self.kind = kind
         self.total_steps = max(total_steps, 1)
         self.step_count = 0
 
     def lr_at(self, step: int) -> float:
-        return 0.5 * self.peak * (1 + math.cos(math.pi * min(step, self.total_steps)
-                                               / self.total_steps))
+        return lr_at(self.kind, self.peak, step, self.total_steps)
 
     def step(self) -> None:
         self.step_count += 1

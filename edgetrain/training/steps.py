@@ -9,28 +9,35 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgetrain.training.sgd import SGD, CosineSchedule
+from edgetrain.training.sgd import SGD, LRSchedule
 from edgetrain.training.transport import module_loss, transport_weight
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite: training stops, finished modules are kept."""
+    """Training diverged (the loss, or the weights, became NaN or infinite): training stops,
+    nothing diverged is saved, finished modules are kept."""
 
-    def __init__(self, module: int | None, epoch: int, step: int, value: float):
-        where = f"module {module + 1}" if module is not None else "the end-to-end network"
+    def __init__(self, module: int | None, epoch: int, step: int | None, value,
+                 detail: str = ""):
+        where = f"module {module + 1}" if module is not None else "the network"
+        at = f"epoch {epoch + 1}" + (f", step {step + 1}" if step is not None else "")
+        what = (f"The weights of {where} became NaN or infinite" if value == "non-finite weights"
+                else f"The loss of {where} became {value}")
         super().__init__(
-            f"The loss of {where} became {value} at epoch {epoch + 1}, step {step + 1}. "
-            "Training stopped; modules finished before it are kept in the run folder. "
-            "Try a smaller --lr, or a larger --tau."
+            f"{what} at {at}{f' ({detail})' if detail else ''}. Training stopped; nothing "
+            "diverged was saved, and modules finished before it are kept in the run folder. "
+            "To train it again with a smaller learning rate: the same command with --resume "
+            "--lr SMALLER --allow-changes lr (or a larger --tau with --allow-changes tau)."
         )
         self.module, self.epoch, self.step = module, epoch, step
 
 
 def make_optimizer(params: Iterable[nn.Parameter], lr: float, momentum: float,
-                   weight_decay: float, total_steps: int) -> tuple[SGD, CosineSchedule]:
-    """SGD with momentum; the learning rate follows a cosine from ``lr`` to 0 over the steps."""
+                   weight_decay: float, total_steps: int, schedule: str = "cosine"
+                   ) -> tuple[SGD, LRSchedule]:
+    """SGD with momentum; the learning rate follows ``schedule`` from ``lr`` over the steps."""
     opt = SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return opt, CosineSchedule(opt, total_steps)
+    return opt, LRSchedule(opt, total_steps, schedule)
 
 
 @dataclass
@@ -60,8 +67,9 @@ def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Te
     up to BatchNorm, which normalises each micro-batch on its own.
 
     Peak memory of the step is at the end of each micro-batch's forward pass: the module's and
-    the head's saved activations (plus each block's residue, if the transport term is on) are
-    alive until ``backward`` frees them.
+    the head's saved activations are alive until ``backward`` frees them. The transport term
+    adds none in training mode (BatchNorm form, edgetrain/models/energy.py); only the direct
+    form keeps each block's residue.
     """
     # Flush last step's gradients before the forward pass: set_to_none frees their memory,
     # so it is not held while activations pile up.
@@ -97,23 +105,53 @@ def accumulate(stats: EpochStats, numbers: dict, batch: int) -> None:
     stats.seen += batch
 
 
+@dataclass
+class Evaluation:
+    """Test accuracy of each head: on the whole test set, and on its fixed random half (the
+    authors' metric; see :func:`test_half`). None where a head was not given."""
+
+    full: list[float | None]
+    half: list[float | None]
+
+
+def test_half(n: int, seed: int) -> torch.Tensor:
+    """A fixed random half of ``n`` test samples (bool mask), seeded by the run's seed: the
+    authors report the best accuracy over epochs and modules on a random half of the test
+    split; edgetrain reports that beside its own metric, never instead of it."""
+    g = torch.Generator().manual_seed(seed * 7919 + 4)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=g)[: n // 2]] = True
+    return mask
+
+
 @torch.inference_mode()
 def evaluate(stages: list[nn.Module], heads: list[nn.Module | None],
-             batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> list[float | None]:
+             batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+             half: torch.Tensor | None = None) -> Evaluation:
     """Test accuracy of each head on the output of its stage, stages applied in order.
 
-    ``heads[k]`` may be None where only the output matters. inference_mode keeps no autograd
-    state, so evaluation costs weights plus one batch's activations.
+    ``heads[k]`` may be None where only the output matters. Batches come in test-set order
+    (unshuffled), so sample i of the stream is test sample i of ``half``. inference_mode keeps
+    no autograd state, so evaluation costs weights plus one batch's activations.
     """
     correct = [0] * len(stages)
-    seen = 0
+    correct_half = [0] * len(stages)
+    seen = seen_half = 0
     for x, y in batches:
+        in_half = half[seen:seen + len(y)].to(y.device) if half is not None else None
         for k, stage in enumerate(stages):
             x, _ = stage(x, need_transport=False)
             if heads[k] is not None:
-                correct[k] += int((heads[k](x).argmax(1) == y).sum())
+                right = heads[k](x).argmax(1) == y
+                correct[k] += int(right.sum())
+                if in_half is not None:
+                    correct_half[k] += int((right & in_half).sum())
         seen += len(y)
-    return [c / max(seen, 1) if h is not None else None for c, h in zip(correct, heads)]
+        seen_half += int(in_half.sum()) if in_half is not None else 0
+    full = [c / max(seen, 1) if h is not None else None for c, h in zip(correct, heads)]
+    halves = [c / max(seen_half, 1) if h is not None and half is not None else None
+              for c, h in zip(correct_half, heads)]
+    return Evaluation(full, halves)
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from edgetrain.errors import UserInputError
 
-TAU_SCHEDULES = ("halved", "constant")
+TAU_SCHEDULES = ("halved", "constant", "multipliers")
 
 
 def tau_schedule(tau: float, num_modules: int, schedule: str = "halved") -> list[float]:
@@ -34,6 +34,8 @@ def tau_schedule(tau: float, num_modules: int, schedule: str = "halved") -> list
     """
     if schedule == "constant":
         return [tau] * num_modules
+    if schedule == "multipliers":
+        return [Multipliers.LAMBDA0 / 2] * num_modules  # the starting weight 1/lambda0
     if schedule == "halved":
         return [tau / 2 if k < num_modules // 2 else tau for k in range(num_modules)]
     raise UserInputError(
@@ -62,3 +64,42 @@ def module_loss(logits: torch.Tensor, labels: torch.Tensor, transport: torch.Ten
     weight = transport_weight(tau)
     loss = ce + weight * transport if weight > 0 else ce
     return loss, ce
+
+
+class Multipliers(torch.nn.Module):
+    """The method of multipliers (Uzawa) variant of the penalty weight, as in the authors'
+    code (``--tau-schedule multipliers``): the weight is ``1 / lambda``, starting from
+    ``lambda0 = 1``; every ``EVERY`` steps ``lambda += H * CE`` of that step, so the penalty
+    relaxes as the module's cross-entropy is paid for. ``--tau`` is not used.
+
+    One per module, with its state in buffers so that an epoch checkpoint restores it (a
+    resumed run continues with the same weight). The update is applied after the step whose
+    cross-entropy it uses (the authors apply it to that step's own loss: one step apart).
+
+    >>> m = Multipliers()
+    >>> for _ in range(50):
+    ...     m.update(0.5)
+    >>> float(m.weight), m.tau
+    (0.6666666666666666, 0.75)
+    """
+
+    LAMBDA0, H, EVERY = 1.0, 1.0, 50
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("lam", torch.tensor(self.LAMBDA0, dtype=torch.float64))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
+
+    @property
+    def weight(self) -> float:
+        return 1.0 / float(self.lam)
+
+    @property
+    def tau(self) -> float:
+        """The tau whose weight 1/(2 tau) equals 1/lambda."""
+        return float(self.lam) / 2
+
+    def update(self, ce: float) -> None:
+        self.steps += 1
+        if int(self.steps) % self.EVERY == 0:
+            self.lam += self.H * ce
