@@ -243,13 +243,15 @@ def _wait_for(out: Path, proc: subprocess.Popen, condition, timeout: float = 120
 
 def test_a_second_process_is_refused_while_the_first_writes(tmp_path):
     out = tmp_path / "run"
-    first = _start_fit(out, "--epochs", "30")
+    # Enough epochs that the first run outlives the three refused starts, even under tcmalloc
+    # (about 3x faster on the CPU than glibc with the 128 KiB threshold: 30 epochs were not).
+    first = _start_fit(out, "--epochs", "300")
     try:
         _wait_for(out, first, lambda ev: any(e["event"] == "epoch" for e in ev))
         before = (out / "config.json").read_bytes()
         for flags in (["--resume"], ["--overwrite"], []):
             second = subprocess.run(
-                [sys.executable, "-m", "edgetrain", "fit", *TINY, "--epochs", "30", "--out",
+                [sys.executable, "-m", "edgetrain", "fit", *TINY, "--epochs", "300", "--out",
                  str(out), *flags], capture_output=True, text=True, timeout=120)
             message = " ".join(second.stderr.split())
             assert second.returncode == 2, second.stderr
