@@ -218,10 +218,11 @@ def _run_grid(bench: Bench, out: Path, log: Callable[[str], None], jobs: int) ->
     # threads only wait on them. With jobs > 1 the runs share the machine: accuracy and memory
     # peaks stay each run's own, wall times do not (compare times only from --jobs 1).
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {}
-        for tag, run in todo:
+        def start(tag: str, run: PlannedRun) -> dict:
             log(f"{tag}: running")
-            futures[pool.submit(run_one, run, out / RUNS / run.run_id)] = tag
+            return run_one(run, out / RUNS / run.run_id)
+
+        futures = {pool.submit(start, tag, run): tag for tag, run in todo}
         for future in as_completed(futures):
             tag = futures[future]
             line = {**context, **future.result()}
