@@ -11,7 +11,7 @@ import typer
 
 from edgetrain.cli_output import console
 from edgetrain.cli_output import fail as _fail
-from edgetrain.config import FitConfig
+from edgetrain.config import CACHE_DTYPES, FitConfig
 from edgetrain.errors import UserInputError
 from edgetrain.memory.planner import BudgetError
 from edgetrain.reporting import print_plan, print_report
@@ -122,7 +122,7 @@ def fit(
             "recompute frozen modules every batch (fresh augmentation)."
         ),
     ] = "disk",
-    cache_dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16.")] = "float32",
+    cache_dtype: Annotated[str, typer.Option(help=" | ".join(CACHE_DTYPES) + ".")] = "float32",
     cache_views: Annotated[
         int,
         typer.Option(help="Training-set views cached per module: view 0 plain, others augmented."),

@@ -20,6 +20,9 @@ from edgetrain.errors import UserInputError
 METHODS = ("trgl", "vanilla", "e2e")
 MODES = ("sequential", "parallel")
 CACHE_MODES = ("disk", "none")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
+"""Storage types of the feature cache (edgetrain/cache/manifest.py maps them to torch dtypes).
+Here, in a module without torch, so that reading a config or a device profile stays instant."""
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("torch", "ort")
 MAX_SEED = 2**63 - 1
@@ -179,8 +182,6 @@ class FitConfig:
                 training_api("--backend ort")
             except UserInputError as e:
                 problems.extend(e.problems)
-        from edgetrain.cache import CACHE_DTYPES
-
         if self.cache_dtype not in CACHE_DTYPES:
             problems.append(f"--cache-dtype {self.cache_dtype!r} is not known; choose one of "
                             f"{', '.join(CACHE_DTYPES)}.")

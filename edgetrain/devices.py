@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetrain.config import FitConfig
+from edgetrain.config import CACHE_DTYPES, FitConfig
 from edgetrain.errors import UserInputError
 from edgetrain.machine import MachineInfo
 from edgetrain.shipped import DEVICES, read_toml
@@ -29,9 +29,6 @@ from edgetrain.units import MemorySize
 
 KINDS = ("jetson", "laptop-gpu", "raspberry-pi", "cpu")
 DEVICE_TYPES = ("cuda", "cpu")
-# The names of edgetrain.cache.CACHE_DTYPES, kept here so that reading a profile does not import
-# torch (`edgetrain devices` stays instant); tests/test_devices.py checks the two agree.
-CACHE_DTYPES = ("float32", "float16", "bfloat16")
 PRECISIONS = ("float32", "float16-mixed", "bfloat16-mixed")
 
 # A real device reports a little less memory than its DRAM size (firmware and GPU carve-outs on

@@ -17,16 +17,17 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from edgetrain import config
+
 FORMAT_VERSION = 1
 FEATURES_FILE = "features.npy"
 LABELS_FILE = "labels.npy"
 MANIFEST_FILE = "manifest.json"
 
-CACHE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+# The names live in config.CACHE_DTYPES (no torch there); their torch types, in that order:
+CACHE_DTYPES: dict[str, torch.dtype] = dict(zip(config.CACHE_DTYPES,
+                                                (torch.float32, torch.float16, torch.bfloat16),
+                                                strict=True))
 
 # How each cache dtype is stored in the .npy. numpy has no bfloat16, so its raw 16-bit patterns
 # are stored as unsigned 16-bit ints and reinterpreted with `tensor.view(torch.bfloat16)` on read.

@@ -35,6 +35,7 @@ from edgetrain.cache.manifest import (
 )
 from edgetrain.errors import UserInputError
 from edgetrain.runs.files import is_out_of_space
+from edgetrain.units import format_bytes
 
 # Room for manifest.json and filesystem rounding; the manifest itself is well under 1 KB.
 _MANIFEST_ALLOWANCE = 4096
@@ -48,13 +49,6 @@ def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     return buffer.getvalue()
 
 
-def _human_bytes(n: int) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
 def _space_message(directory: Path, needed: int, free: int, dtype: str, during_write: bool) -> str:
     what = "Ran out of disk space writing" if during_write else "Not enough disk space for"
     fixes = ["free space there"]
@@ -63,7 +57,7 @@ def _space_message(directory: Path, needed: int, free: int, dtype: str, during_w
     fixes.append("train without a feature cache with `--cache none --allow-changes cache`")
     return (
         f"{what} the feature cache in {directory}: it needs {needed} bytes "
-        f"({_human_bytes(needed)}) and {free} bytes ({_human_bytes(free)}) are free. Finished "
+        f"({format_bytes(needed)}) and {free} bytes ({format_bytes(free)}) are free. Finished "
         f"modules are kept: {', or '.join(fixes)}, then run the same command with --resume "
         "(add the flags shown)."
     )

@@ -28,6 +28,25 @@ def build_head(plan: ModulePlan, num_classes: int, init: str = "default",
     return head
 
 
+def module_state(module: nn.Module, head: nn.Module) -> dict[str, torch.Tensor]:
+    """A module and its head as one state dict, ``module.*`` and ``head.*``: the layout of
+    modules/module_K.safetensors and of ONNX Runtime's checkpoints. The tensors share storage
+    with the modules (copying into them updates the modules)."""
+    state = {f"module.{n}": t for n, t in module.state_dict().items()}
+    state.update({f"head.{n}": t for n, t in head.state_dict().items()})
+    return state
+
+
+def load_module_state(module: nn.Module, head: nn.Module | None,
+                      state: dict[str, torch.Tensor]) -> None:
+    """The inverse of :func:`module_state` (``head`` None: the module alone). Strict: a missing
+    or extra tensor raises RuntimeError."""
+    for prefix, part in (("module.", module), ("head.", head)):
+        if part is not None:
+            part.load_state_dict({n[len(prefix):]: t for n, t in state.items()
+                                  if n.startswith(prefix)})
+
+
 class StitchedNetwork(nn.Module):
     """The trained modules in order, then the last module's head: ``x -> logits``.
 

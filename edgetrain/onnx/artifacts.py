@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from edgetrain.errors import UserInputError
+from edgetrain.models.network import module_state
 from edgetrain.onnx.graphs import (
     EXPORTER,
     OPSET,
@@ -144,8 +145,7 @@ def build_training_artifacts(module: nn.Module, head: nn.Module, input_shape: tu
     ort = training_api("Training through ONNX Runtime")
     folder.mkdir(parents=True, exist_ok=True)  # generate_artifacts needs it to exist
     paths = TrainingArtifacts(folder)
-    state = {f"module.{n}": t for n, t in module.state_dict().items()}
-    state.update({f"head.{n}": t for n, t in head.state_dict().items()})
+    state = module_state(module, head)
     x = torch.randn(2, *input_shape)
     y = torch.zeros(2, dtype=torch.long)
     wrapper = TrainingLoss(module, head, tau, label_smoothing, weight_decay)

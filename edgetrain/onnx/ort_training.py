@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgetrain.models.network import module_state
 from edgetrain.onnx.artifacts import OUTPUTS, build_training_artifacts
 from edgetrain.onnx.graphs import quiet_native_stderr
 from edgetrain.onnx.runtime import training_api
@@ -111,13 +112,11 @@ def copy_back(state, module: nn.Module, head: nn.Module, steps: int) -> None:
     reads as torch's would after the same number of training steps.
     """
     with torch.no_grad():
-        for prefix, part in (("module.", module), ("head.", head)):
-            for name, tensor in part.state_dict().items():
-                if name.endswith("num_batches_tracked"):
-                    tensor.fill_(steps)
-                    continue
-                value = torch.from_numpy(state.parameters[prefix + name].data)
-                tensor.copy_(value.reshape(tensor.shape))
+        for name, tensor in module_state(module, head).items():
+            if name.endswith("num_batches_tracked"):
+                tensor.fill_(steps)
+                continue
+            tensor.copy_(torch.from_numpy(state.parameters[name].data).reshape(tensor.shape))
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

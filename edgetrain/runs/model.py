@@ -19,7 +19,14 @@ from edgetrain.config import FitConfig
 from edgetrain.data.registry import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from edgetrain.errors import UserInputError
 from edgetrain.models.heads import AuxHead
-from edgetrain.models.network import StitchedNetwork, build_head, build_module, build_network
+from edgetrain.models.network import (
+    StitchedNetwork,
+    build_head,
+    build_module,
+    build_network,
+    load_module_state,
+    module_state,
+)
 from edgetrain.models.resnet import (
     MAX_WIDTH,
     RESNET_DEPTHS,
@@ -161,22 +168,16 @@ def load_module(run_dir: Path, k: int) -> tuple[ResNetModule, AuxHead, ModulePla
         raise UserInputError(f"{e}. Retrain it with `edgetrain fit --resume` in that run "
                              "folder.") from None
     with torch.device("meta"):
-        expected = {f"module.{n}": tuple(t.shape)
-                    for n, t in build_module(info.spec(), plans[k]).state_dict().items()}
-        expected |= {f"head.{n}": tuple(t.shape)
-                     for n, t in build_head(plans[k], info.num_classes).state_dict().items()}
+        expected = {n: tuple(t.shape) for n, t in module_state(
+            build_module(info.spec(), plans[k]), build_head(plans[k], info.num_classes)).items()}
     if problem := shapes_problem(path, expected):
         raise UserInputError(f"{problem}: model.json and {path.name} do not agree.")
     module = build_module(info.spec(), plans[k])
     head = build_head(plans[k], info.num_classes)
     try:
-        module.load_state_dict(_strip(state, "module."))
-        head.load_state_dict(_strip(state, "head."))
+        load_module_state(module, head, state)
     except RuntimeError as e:
         raise UserInputError(f"{path} does not hold module {k} as model.json describes it "
                              f"({str(e).splitlines()[0]}).") from None
     return module.eval(), head.eval(), plans[k]
 
-
-def _strip(state: dict, prefix: str) -> dict:
-    return {n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}

@@ -47,6 +47,8 @@ from edgetrain.models.network import (
     build_head,
     build_module,
     build_network,
+    load_module_state,
+    module_state,
     set_checkpointing,
 )
 from edgetrain.models.resnet import ResNetSpec
@@ -131,7 +133,7 @@ class Context:
         """Name and shape of every tensor of module ``k`` and its head, as saved (built on
         the meta device: nothing is allocated)."""
         with torch.device("meta"):
-            return {name: tuple(t.shape) for name, t in _module_state(
+            return {name: tuple(t.shape) for name, t in module_state(
                 build_module(self.spec, self.plans[k]),
                 build_head(self.plans[k], self.num_classes)).items()}
 
@@ -396,9 +398,7 @@ def load_module(ctx: Context, k: int) -> tuple[nn.Module, nn.Module]:
     plan = ctx.plans[k]
     module, head = build_module(ctx.spec, plan), build_head(plan, ctx.num_classes)
     state = load_weights(ctx.run.module_path(k))
-    module.load_state_dict({n[len("module."):]: t for n, t in state.items()
-                            if n.startswith("module.")})
-    head.load_state_dict({n[len("head."):]: t for n, t in state.items() if n.startswith("head.")})
+    load_module_state(module, head, state)
     return module.to(ctx.device), head.to(ctx.device)
 
 
@@ -637,11 +637,7 @@ def stitch(ctx: Context) -> StitchedNetwork:
     network = build_network(ctx.spec, ctx.plans, ctx.num_classes)
     for k, stage in enumerate(network.stages):
         state = load_weights(ctx.run.module_path(k))
-        stage.load_state_dict({n[len("module."):]: t for n, t in state.items()
-                               if n.startswith("module.")})
-        if k == len(ctx.plans) - 1:
-            network.head.load_state_dict({n[len("head."):]: t for n, t in state.items()
-                                          if n.startswith("head.")})
+        load_module_state(stage, network.head if k == len(ctx.plans) - 1 else None, state)
     return network.to(ctx.device)
 
 
@@ -688,7 +684,7 @@ def _checkpoint(ctx: Context, name: int | str, module: int | None, epoch: int, p
 
 def _save_module(ctx: Context, k: int, module: nn.Module, head: nn.Module, epoch: int,
                  metadata: dict) -> None:
-    state = _module_state(module, head)
+    state = module_state(module, head)
     bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteLossError(k, epoch, None, "non-finite weights",
@@ -707,12 +703,6 @@ def _accumulate_or_stop(stats: EpochStats, numbers: dict, batch: int, module: in
         accumulate(stats, numbers, batch)
     except FloatingPointError as e:
         raise NonFiniteLossError(module, epoch, step, e.args[0]) from None
-
-
-def _module_state(module: nn.Module, head: nn.Module) -> dict[str, torch.Tensor]:
-    state = {f"module.{n}": t for n, t in module.state_dict().items()}
-    state.update({f"head.{n}": t for n, t in head.state_dict().items()})
-    return state
 
 
 def _module_result(ctx: Context, k: int, accuracy: float | None, train_time: float,
