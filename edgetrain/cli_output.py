@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-console = Console()
-err_console = Console(stderr=True)
+PIPE_WIDTH = 200
+"""Columns of output that is not a terminal (a log file, CI, a pipe): wide enough that no
+table column is cut (rich would otherwise assume 80 and shorten headers to `micro-ba…`)."""
+
+
+def _console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty() or os.environ.get("COLUMNS"):
+        return Console(stderr=stderr)  # the terminal's width (or the one COLUMNS asks for)
+    return Console(stderr=stderr, width=PIPE_WIDTH)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def fail(message: str, code: int) -> None:

@@ -6,14 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from edgetrain.cli_output import out_of_space
+from edgetrain.cli_output import console, out_of_space
 from edgetrain.errors import UserInputError
 from edgetrain.units import format_bytes
-
-console = Console()
 
 
 def profile(

@@ -153,3 +153,23 @@ def test_real_subprocess_entry_point(tmp_path):
     assert "test accuracy" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["memory_budget_bytes"] == 2_000_000_000
+
+
+def test_tables_are_whole_when_output_is_not_a_terminal(tmp_path):
+    """Piped into a file (a log, CI), rich used to assume 80 columns and cut headers to
+    `micro-ba…`: every header and number must arrive whole."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgetrain", "fit", "--model", "resnet8", "--widths", "8,16,16",
+         "--modules", "2", "--epochs", "1", "--train-limit", "200", "--test-limit", "100",
+         "--threads", "1", "--memory-budget", "8GB", "--no-progress", "--out",
+         str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for header in ("micro-batch x steps", "checkpointing", "predicted peak", "aux test acc",
+                   "measured peak", "within budget"):
+        assert header in proc.stdout, header
+    assert "…" not in proc.stdout
