@@ -6,7 +6,10 @@ collects every problem at once and names the flag to fix.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import json
 import math
 import os
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetrain.errors import UserInputError
+from edgetrain.units import MemorySize
 
 METHODS = ("trgl", "vanilla", "e2e")
 MODES = ("sequential", "parallel")
@@ -25,6 +29,12 @@ CACHE_DTYPES = ("float32", "float16", "bfloat16")
 Here, in a module without torch, so that reading a config or a device profile stays instant."""
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("torch", "ort")
+LR_SCHEDULES = ("cosine", "constant", "step")
+TAU_SCHEDULES = ("halved", "constant", "multipliers")
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+"""--image-size bounds. Below 8 px the stages' stride-2 convolutions leave nothing; above 1024
+px a CIFAR ResNet is the wrong network (STL-10, the largest set here, is 96 px), and the
+in-memory sets would need gigabytes per thousand images."""
 MAX_SEED = 2**63 - 1
 """Largest --seed: torch generators take 64-bit seeds."""
 MAX_THREADS_PER_CPU = 4
@@ -120,10 +130,9 @@ class FitConfig:
     """Replace an existing run in `out`."""
     resume: bool = False
     """Continue the run in `out` from its last finished module or epoch checkpoint."""
-    memory_budget: int | None = None
-    """Memory budget in bytes (recorded; enforced by the planner)."""
-    memory_budget_text: str | None = None
-    """The budget as the user wrote it."""
+    memory_budget: MemorySize | None = None
+    """Memory the run may use, e.g. 2GB (10^9 bytes), 1.5GiB (2^30 bytes), 512MB or plain
+    bytes: the planner fits the run into it or refuses (see README, Memory)."""
     eval_every_epoch: bool = True
     """Evaluate each module's auxiliary test accuracy after every epoch (else only at the end)."""
     allow_changes: tuple[str, ...] = ()
@@ -135,40 +144,25 @@ class FitConfig:
     def validate(self) -> FitConfig:
         """Check every field a user sets; raise one UserInputError listing all problems."""
         problems = []
-        if self.method not in METHODS:
-            problems.append(f"--method {self.method!r} is not known; choose one of "
-                            f"{', '.join(METHODS)}.")
-        if self.mode not in MODES:
-            problems.append(f"--mode {self.mode!r} is not known; choose one of {', '.join(MODES)}.")
-        if self.cache not in CACHE_MODES:
-            problems.append(f"--cache {self.cache!r} is not known; choose one of "
-                            f"{', '.join(CACHE_MODES)}.")
-        from edgetrain.models.resnet import INITS, SHORTCUTS
-        from edgetrain.training.sgd import LR_SCHEDULES
+        from edgetrain.models.catalog import INITS, SHORTCUTS, SPLIT_STRATEGIES, model_problems
 
-        if self.shortcut not in SHORTCUTS:
-            problems.append(f"--shortcut {self.shortcut!r} is not known; choose one of "
-                            f"{', '.join(SHORTCUTS)}.")
-        if self.init not in INITS:
-            problems.append(f"--init {self.init!r} is not known; choose one of "
-                            f"{', '.join(INITS)}.")
+        for flag, value, choices in (
+                ("--method", self.method, METHODS), ("--mode", self.mode, MODES),
+                ("--cache", self.cache, CACHE_MODES), ("--cache-dtype", self.cache_dtype,
+                                                       CACHE_DTYPES),
+                ("--device", self.device, DEVICES), ("--split", self.split, SPLIT_STRATEGIES),
+                ("--shortcut", self.shortcut, SHORTCUTS), ("--init", self.init, INITS),
+                ("--lr-schedule", self.lr_schedule, LR_SCHEDULES),
+                ("--tau-schedule", self.tau_schedule, TAU_SCHEDULES)):
+            if value not in choices:
+                problems.append(f"{flag} {value!r} is not known; choose one of "
+                                f"{', '.join(choices)}.")
+        problems += model_problems(self.model, self.widths, self.modules)
         if not 0 < self.init_gain <= 10:
             problems.append(f"--init-gain must be in (0, 10], e.g. 0.1 (got {self.init_gain}).")
-        from edgetrain.training.transport import TAU_SCHEDULES
-
-        if self.tau_schedule not in TAU_SCHEDULES:
-            problems.append(f"--tau-schedule {self.tau_schedule!r} is not known; choose one of "
-                            f"{', '.join(TAU_SCHEDULES)}.")
-        elif self.tau_schedule == "multipliers" and self.backend == "ort":
+        if self.tau_schedule == "multipliers" and self.backend == "ort":
             problems.append("--tau-schedule multipliers is not available with --backend ort "
                             "(its weight changes during training); use --backend torch.")
-
-        if self.lr_schedule not in LR_SCHEDULES:
-            problems.append(f"--lr-schedule {self.lr_schedule!r} is not known; choose one of "
-                            f"{', '.join(LR_SCHEDULES)}.")
-        if self.device not in DEVICES:
-            problems.append(f"--device {self.device!r} is not known; choose one of "
-                            f"{', '.join(DEVICES)}.")
         if self.backend not in BACKENDS:
             problems.append(f"--backend {self.backend!r} is not known; choose one of "
                             f"{', '.join(BACKENDS)}.")
@@ -182,9 +176,6 @@ class FitConfig:
                 training_api("--backend ort")
             except UserInputError as e:
                 problems.extend(e.problems)
-        if self.cache_dtype not in CACHE_DTYPES:
-            problems.append(f"--cache-dtype {self.cache_dtype!r} is not known; choose one of "
-                            f"{', '.join(CACHE_DTYPES)}.")
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                             ("--modules", self.modules), ("--cache-views", self.cache_views)):
             if value < 1:
@@ -246,7 +237,6 @@ class FitConfig:
             if limit is not None and limit < 1:
                 problems.append(f"{flag} must be at least 1 (got {limit}); leave it out to use "
                                 "the whole split.")
-        from edgetrain.data.registry import image_size_problem
         from edgetrain.paths import folder_problem, path_problem
 
         if self.image_size is not None and (problem := image_size_problem(self.image_size)):
@@ -278,6 +268,8 @@ class FitConfig:
                 data[key] = "inf"
             elif isinstance(value, tuple):
                 data[key] = list(value)
+        if self.memory_budget is not None:
+            data["memory_budget"] = str(self.memory_budget)  # as written: "2GB"
         return data
 
     @classmethod
@@ -299,6 +291,15 @@ class FitConfig:
                     else hint)
             if value is None and optional:
                 values[fld.name] = None
+            elif base is MemorySize:
+                # Text ("2GB"); plain bytes in runs written before the budget was one value.
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    values[fld.name] = MemorySize(value)
+                else:
+                    try:
+                        values[fld.name] = MemorySize.parse(f.str(fld.name))
+                    except UserInputError as e:
+                        raise RecordError(f"{source}: field {fld.name!r}: {e}") from None
             elif base is bool:
                 values[fld.name] = f.bool(fld.name)
             elif base is int:
@@ -326,8 +327,11 @@ class FitConfig:
         """``{field: (stored value, value now)}`` for every result-changing field that differs
         from the run being resumed (RESUME_FREE fields may differ freely)."""
         mine, theirs = self.to_dict(), stored.to_dict()
-        return {k: (theirs.get(k), v) for k, v in mine.items()
-                if k not in RESUME_FREE and theirs.get(k) != v}
+        differences = {k: (theirs.get(k), v) for k, v in mine.items()
+                       if k not in RESUME_FREE and theirs.get(k) != v}
+        if self.memory_budget == stored.memory_budget:  # equal in bytes: 2GB == 2000MB
+            differences.pop("memory_budget", None)
+        return differences
 
     def resume_problem(self, stored: FitConfig, out: Path,
                        resolved: dict[str, tuple] | None = None) -> str | None:
@@ -340,8 +344,6 @@ class FitConfig:
         modules are kept and the rest trains with the new value.
         """
         differences = {**self.resume_differences(stored), **(resolved or {})}
-        # The budget travels as bytes and as the user's text: one setting.
-        differences.pop("memory_budget_text", None)
         refused = {k: d for k, d in differences.items() if k not in self.allow_changes}
         if not refused:
             return None
@@ -385,3 +387,36 @@ RESUME_CHANGEABLE: dict[str, bool] = {
 """Fields that --resume --allow-changes may change for the modules not finished yet: what a
 user changes to get past a failure (a diverged module: --lr; a full disk: --cache-dtype or
 --cache none; a smaller device: --memory-budget) without losing the finished modules."""
+
+
+def image_size_problem(image_size: int) -> str | None:
+    """Why ``--image-size`` cannot be used, or None.
+
+    >>> image_size_problem(32) is None
+    True
+    >>> image_size_problem(0)
+    '--image-size 0 is too small; use 8 or more (e.g. 32)'
+    """
+    if image_size < MIN_IMAGE_SIZE:
+        return f"--image-size {image_size} is too small; use {MIN_IMAGE_SIZE} or more (e.g. 32)"
+    if image_size > MAX_IMAGE_SIZE:
+        return (f"--image-size {image_size} is too large; use at most {MAX_IMAGE_SIZE} (CIFAR "
+                "ResNets are built for 28-96 px images)")
+    return None
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls``, one line each: the CLI's help.
+
+    >>> field_docs(FitConfig)["epochs"]
+    'Epochs per module (sequential), or for the whole network (parallel, e2e).'
+    """
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
+                isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs

@@ -200,15 +200,15 @@ def apply_profile(config: FitConfig, profile: DeviceProfile, explicit: set[str],
     >>> from edgetrain.config import FitConfig
     >>> p = load_profile("jetson-nano-4gb")
     >>> c = apply_profile(FitConfig(), p, explicit={"cache_dtype"})
-    >>> c.memory_budget, c.memory_budget_text, c.cache_dtype, c.device
+    >>> c.memory_budget.bytes, str(c.memory_budget), c.cache_dtype, c.device
     (3200000000, '3.2GB', 'float32', 'cuda')
     >>> apply_profile(FitConfig(), p, set(), simulated=True).device
     'auto'
     """
     changes: dict = {}
-    if not explicit & {"memory_budget", "memory_budget_text"}:
-        changes.update(memory_budget=profile.memory_budget_bytes,
-                       memory_budget_text=profile.memory_budget_text)
+    if "memory_budget" not in explicit:
+        changes["memory_budget"] = MemorySize(profile.memory_budget_bytes,
+                                              profile.memory_budget_text)
     if "cache_dtype" not in explicit:
         changes["cache_dtype"] = profile.cache_dtype
     if "device" not in explicit:

@@ -170,7 +170,8 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         "memory_backend": meter.backend,
         "memory_measured": meter.description,
         "allocator": alloc.as_dict(),
-        "memory_budget_bytes": config.memory_budget,
+        "memory_budget_bytes": config.memory_budget.bytes if config.memory_budget else None,
+        "memory_budget": str(config.memory_budget) if config.memory_budget else None,
         "device_profile": config.extra.get("device_profile"),
         "simulated": config.extra.get("simulated"),
         "memory_plan": ctx.memory_plan.as_dict() if ctx.memory_plan else None,
@@ -262,8 +263,7 @@ def _read_stored_config(run: RunDir) -> tuple[FitConfig, dict]:
 def _record_changes(run: RunDir, stored: FitConfig, config: FitConfig, config_json: str) -> None:
     """A resumption with --allow-changes: config.json takes the new values and keeps the
     history; the module in progress starts again if an optimisation setting changed."""
-    changes = {k: v for k, v in config.resume_differences(stored).items()
-               if k != "memory_budget_text"}
+    changes = config.resume_differences(stored)
     if not changes:
         return
     history = read_json_object(run.config_path).get("resume_changes", [])
@@ -327,8 +327,8 @@ def _memory_plan(ctx: scheduler.Context, stored: FitConfig | None,
             ctx.run.log("plan_remade", reason=str(e))
     from edgetrain.training.probes import phases
 
-    return make_plan(phases(ctx), config.batch_size, config.memory_budget, ctx.meter,
-                     framework_bytes=framework_bytes, budget_text=config.memory_budget_text)
+    return make_plan(phases(ctx), config.batch_size, config.memory_budget.bytes, ctx.meter,
+                     framework_bytes=framework_bytes, budget_text=str(config.memory_budget))
 
 
 def _train(ctx: scheduler.Context):
@@ -355,7 +355,7 @@ def _train(ctx: scheduler.Context):
 def guard(ctx: scheduler.Context, modules: list[dict], train_peak: int, eval_peak: int
           ) -> list[dict]:
     """Each phase's predicted and measured peak, and whether it stayed within the budget."""
-    budget = ctx.config.memory_budget
+    budget = ctx.config.memory_budget.bytes if ctx.config.memory_budget else None
     plan = ctx.memory_plan
     rows = []
     if ctx.config.method != "e2e" and ctx.config.mode == "sequential":

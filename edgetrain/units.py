@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edgetrain.errors import UserInputError
 
@@ -30,9 +30,13 @@ class MemorySize:
     2000000000
     >>> str(MemorySize(1610612736))
     '1.50 GiB'
+    >>> str(MemorySize.parse("2GB")), MemorySize.parse("2GB") == MemorySize.parse("2000MB")
+    ('2GB', True)
     """
 
     bytes: int
+    text: str | None = field(default=None, compare=False)
+    """As the user wrote it ("2GB"), for messages and files; equality is by bytes."""
 
     @classmethod
     def parse(cls, text: str, flag: str = "--memory-budget") -> MemorySize:
@@ -48,10 +52,10 @@ class MemorySize:
         if value <= 0:
             raise UserInputError(f"{flag} {text!r} must be at least one byte, e.g. 2GB or "
                                  "512MB.")
-        return cls(value)
+        return cls(value, str(text).strip())
 
     def __str__(self) -> str:
-        return format_bytes(self.bytes)
+        return self.text or format_bytes(self.bytes)
 
 
 def format_bytes(n: float) -> str:

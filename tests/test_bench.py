@@ -108,7 +108,7 @@ def test_profile_applies_to_bench_runs_unless_the_preset_sets_the_field():
         assert run.args[run.args.index("--memory-budget") + 1] == "3.2GB"
         assert run.args[run.args.index("--cache-dtype") + 1] == "float32"  # the preset's
         assert run.args[run.args.index("--device") + 1] == "auto"  # simulated: no forced cuda
-        assert run.memory_budget_bytes == 3_200_000_000
+        assert run.memory_budget.bytes == 3_200_000_000
     # Run ids follow the flags: another profile is another run, never skipped as finished.
     plain = plan(p)
     assert "--memory-budget" not in plain[0].args

@@ -19,6 +19,7 @@ from edgetrain.devices import (
 )
 from edgetrain.errors import UserInputError
 from edgetrain.machine import Gpu, MachineInfo
+from edgetrain.units import MemorySize
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"jetson-nano-4gb", "jetson-orin-nano-8gb", "jetson-agx-orin-64gb", "laptop-gpu-4gb",
@@ -119,18 +120,18 @@ def test_a_profile_in_the_env_folder_wins_over_the_shipped_one(tmp_path, monkeyp
 
 def test_apply_profile_respects_explicit_flags():
     nano = load_profile("jetson-nano-4gb")
-    config = FitConfig(cache_dtype="bfloat16", device="cpu", memory_budget=10**9,
-                       memory_budget_text="1GB")
+    config = FitConfig(cache_dtype="bfloat16", device="cpu",
+                       memory_budget=MemorySize.parse("1GB"))
     applied = apply_profile(config, nano, explicit=set())
-    assert (applied.memory_budget, applied.memory_budget_text) == (3_200_000_000, "3.2GB")
+    assert (applied.memory_budget.bytes, str(applied.memory_budget)) == (3_200_000_000, "3.2GB")
     assert applied.cache_dtype == "float16" and applied.device == "cuda"
     assert applied.extra == {"device_profile": "jetson-nano-4gb", "simulated": False}
     kept = apply_profile(config, nano, explicit={"cache_dtype", "device", "memory_budget"})
-    assert (kept.cache_dtype, kept.device, kept.memory_budget) == ("bfloat16", "cpu", 10**9)
-    assert kept.memory_budget_text == "1GB" and kept.extra["device_profile"] == "jetson-nano-4gb"
+    assert (kept.cache_dtype, kept.device, kept.memory_budget.bytes) == ("bfloat16", "cpu", 10**9)
+    assert str(kept.memory_budget) == "1GB" and kept.extra["device_profile"] == "jetson-nano-4gb"
     # Simulated: the budget applies, but a Jetson's cuda is not forced onto this machine.
     simulated = apply_profile(FitConfig(), nano, set(), simulated=True)
-    assert simulated.device == "auto" and simulated.memory_budget == 3_200_000_000
+    assert simulated.device == "auto" and simulated.memory_budget.bytes == 3_200_000_000
     assert simulated.extra["simulated"] is True
     pi = apply_profile(FitConfig(), load_profile("raspberry-pi-5-8gb"), set(), simulated=True)
     assert pi.device == "cpu" and pi.cache_dtype == "bfloat16"
@@ -156,9 +157,9 @@ def test_is_simulated_tells_devices_apart():
 
 
 def test_fit_style_wiring_lets_explicit_flags_win():
-    """What `edgetrain fit --device-profile` does (cli_bench.with_device_profile), on a small
+    """What `edgetrain fit --device-profile` does (cli.bench.with_device_profile), on a small
     command with fit's option names."""
-    from edgetrain.cli_bench import with_device_profile
+    from edgetrain.cli.bench import with_device_profile
 
     seen = {}
     mini = typer.Typer()
@@ -174,7 +175,7 @@ def test_fit_style_wiring_lets_explicit_flags_win():
     assert result.exit_code == 0, result.output
     config = seen["config"]
     assert config.cache_dtype == "float32"  # given on the command line: the user wins
-    assert config.memory_budget_text == "6.5GB" and config.device == "auto"  # simulated here
+    assert str(config.memory_budget) == "6.5GB" and config.device == "auto"  # simulated here
     assert config.extra == {"device_profile": "jetson-orin-nano-8gb", "simulated": True}
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from edgetrain.errors import UserInputError
+from edgetrain.models.catalog import RESNET_DEPTHS
 from edgetrain.models.heads import AuxHead
 from edgetrain.models.network import (
     build_head,
@@ -16,7 +17,7 @@ from edgetrain.models.network import (
     set_checkpointing,
     set_transport_form,
 )
-from edgetrain.models.resnet import RESNET_DEPTHS, resnet_spec
+from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import balanced_sizes, block_costs, split_network
 from edgetrain.training.transport import module_loss, tau_schedule, transport_cost
 

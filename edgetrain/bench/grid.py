@@ -57,7 +57,7 @@ GREEDY = ("vanilla", "trgl")
 
 # Fields the grid itself sets (a preset's [fit] may not), and fields the bench owns.
 _GRID_FIELDS = {"method", "modules", "mode", "cache", "activation_checkpointing"}
-_BENCH_FIELDS = {"out", "overwrite", "extra", "eval_every_epoch", "memory_budget_text"}
+_BENCH_FIELDS = {"out", "overwrite", "extra", "eval_every_epoch"}
 _PRESET_KEYS = {"name", "description", "estimate", "fit", "method_fit", "grid"}
 _BLOCK_KEYS = {"methods", "modules", "modes", "caches", "fit", "vary", "tag"}
 _PENALTY_FIELDS = ("tau", "tau_schedule")
@@ -311,24 +311,20 @@ def to_fit_config(fit: dict) -> FitConfig:
     if "data_dir" in fields:
         fields["data_dir"] = Path(fields["data_dir"])
     if "memory_budget" in fields:
-        text = fields.pop("memory_budget")
-        fields.update(memory_budget=MemorySize.parse(text).bytes, memory_budget_text=text)
+        fields["memory_budget"] = MemorySize.parse(fields["memory_budget"])
     return FitConfig(**fields)
 
 
 def explicit_fields(fit: dict) -> set[str]:
     """The FitConfig fields a run sets itself: a device profile does not override them."""
-    names = set(fit)
-    if "memory_budget" in names:
-        names.add("memory_budget_text")
-    return names
+    return set(fit)
 
 
 def fit_args(config: FitConfig, fields: set[str]) -> list[str]:
     """`edgetrain fit` flags that reproduce ``fields`` of ``config`` (the others keep their
     defaults). Flags are field names with dashes, as the fit command declares them."""
     args: list[str] = []
-    for name in sorted(fields - {"memory_budget", "memory_budget_text"}):
+    for name in sorted(fields):
         value = getattr(config, name)
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -336,7 +332,5 @@ def fit_args(config: FitConfig, fields: set[str]) -> list[str]:
         elif isinstance(value, tuple):
             args += [flag, ",".join(str(v) for v in value)]
         elif value is not None:
-            args += [flag, str(value)]
-    if fields & {"memory_budget", "memory_budget_text"} and config.memory_budget_text:
-        args += ["--memory-budget", config.memory_budget_text]
+            args += [flag, str(value)]  # a MemorySize as written: "2GB"
     return args

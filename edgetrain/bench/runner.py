@@ -52,6 +52,7 @@ from edgetrain.runs.ownership import (
     read_marker,
 )
 from edgetrain.runs.rundir import RunDir
+from edgetrain.units import MemorySize
 
 RESULTS = "results.jsonl"
 RUNS = "runs"
@@ -72,8 +73,7 @@ class PlannedRun:
     args: list[str]
     """`edgetrain fit` flags, without --out."""
     run_id: str
-    memory_budget_bytes: int | None
-    memory_budget_text: str | None
+    memory_budget: MemorySize | None
 
 
 def plan(preset: Preset, profile: DeviceProfile | None = None,
@@ -87,14 +87,13 @@ def plan(preset: Preset, profile: DeviceProfile | None = None,
             config = to_fit_config(spec.fit)
             if profile is not None:
                 config = apply_profile(config, profile, explicit, simulated)
-                explicit |= {"memory_budget_text", "cache_dtype", "device"}
+                explicit |= {"memory_budget", "cache_dtype", "device"}
             config.validate()
         except (UserInputError, TypeError) as e:
             problems.append(f"run {spec.label}: {e}")
             continue
         args = fit_args(config, explicit)
-        planned.append(PlannedRun(spec, args, spec.run_id(args), config.memory_budget,
-                                  config.memory_budget_text))
+        planned.append(PlannedRun(spec, args, spec.run_id(args), config.memory_budget))
     if problems:
         raise UserInputError([f"preset {preset.path}: {p}" for p in problems])
     return planned
@@ -262,8 +261,8 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
         "cache": run.spec.cache,
         "fit_args": run.args,
         "config": run.spec.fit,
-        "memory_budget_bytes": run.memory_budget_bytes,
-        "memory_budget": run.memory_budget_text,
+        "memory_budget_bytes": run.memory_budget.bytes if run.memory_budget else None,
+        "memory_budget": str(run.memory_budget) if run.memory_budget else None,
         "run_dir": str(run_dir),
         "started_at": started.isoformat(timespec="seconds"),
         "process_time_s": round(time.perf_counter() - clock, 3),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from edgetrain.config import image_size_problem
 from edgetrain.data.bundle import DataBundle
 from edgetrain.data.subsets import limit_problem, take_subset
 from edgetrain.errors import UserInputError
@@ -26,28 +27,6 @@ DATASET_HELP: dict[str, str] = {
     "imagefolder": "your images: --data-dir DIR with DIR/train/<class>/* and DIR/test/<class>/*",
 }
 DATASET_NAMES: tuple[str, ...] = tuple(DATASET_HELP)
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
-"""--image-size bounds. Below 8 px the stages' stride-2 convolutions leave nothing; above 1024
-px a CIFAR ResNet is the wrong network (STL-10, the largest set here, is 96 px), and the
-in-memory sets would need gigabytes per thousand images."""
-
-
-def image_size_problem(image_size: int) -> str | None:
-    """Why ``--image-size`` cannot be used, or None.
-
-    >>> image_size_problem(32) is None
-    True
-    >>> image_size_problem(0)
-    '--image-size 0 is too small; use 8 or more (e.g. 32)'
-    """
-    if image_size < MIN_IMAGE_SIZE:
-        return f"--image-size {image_size} is too small; use {MIN_IMAGE_SIZE} or more (e.g. 32)"
-    if image_size > MAX_IMAGE_SIZE:
-        return (f"--image-size {image_size} is too large; use at most {MAX_IMAGE_SIZE} (CIFAR "
-                "ResNets are built for 28-96 px images)")
-    return None
-
-
 def load_dataset(name: str, data_dir: Path | None = None, download: bool = False,
                  image_size: int | None = None, train_limit: int | None = None,
                  test_limit: int | None = None, seed: int = 0) -> DataBundle:

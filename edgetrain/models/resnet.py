@@ -17,15 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.errors import UserInputError
+from edgetrain.models.catalog import DEFAULT_WIDTHS, RESNET_DEPTHS, SHORTCUTS, model_problems
 from edgetrain.models.energy import batchnorm_branch, check_transport_form
 from edgetrain.models.recompute import recompute_in_backward
-
-# depth = 6n + 2 for three stages of n basic blocks (stem conv + 2 convs per block + classifier).
-RESNET_DEPTHS = {"resnet8": 8, "resnet14": 14, "resnet20": 20, "resnet32": 32, "resnet44": 44,
-                 "resnet56": 56, "resnet110": 110}
-DEFAULT_WIDTHS = (16, 32, 64)
-MAX_WIDTH = 4096
-"""Widest stage --widths accepts: one 3x3 conv at 4096 channels already holds 600 MB."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +65,6 @@ class ResNetSpec:
         return count
 
 
-SHORTCUTS = ("conv", "zero-pad")
-
-
 def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = None,
                 shortcut: str = "conv") -> ResNetSpec:
     """The block list of a CIFAR ResNet: ``resnet20`` has 3 stages of 3 blocks (9 blocks).
@@ -84,16 +75,9 @@ def resnet_spec(name: str, in_channels: int, widths: tuple[int, ...] | None = No
     >>> len(resnet_spec("resnet110", 3).blocks)
     54
     """
-    if name not in RESNET_DEPTHS:
-        raise UserInputError(
-            f"--model {name!r} is not a known model; choose one of {', '.join(RESNET_DEPTHS)}."
-        )
     widths = tuple(widths or DEFAULT_WIDTHS)
-    if not widths or any(w < 1 for w in widths):
-        raise UserInputError(f"--widths {widths} must be positive integers, e.g. 16,32,64.")
-    if any(w > MAX_WIDTH for w in widths) or len(widths) > 8:
-        raise UserInputError(f"--widths {','.join(map(str, widths))[:60]}: at most 8 stages of "
-                             f"at most {MAX_WIDTH} channels, e.g. 16,32,64.")
+    if problems := model_problems(name, widths):
+        raise UserInputError(problems)
     per_stage = (RESNET_DEPTHS[name] - 2) // 6
     blocks: list[BlockSpec] = []
     channels = widths[0]
@@ -208,9 +192,6 @@ class ResNetModule(nn.Module):
             if energy is not None:
                 transport = transport + energy
         return x, transport
-
-
-INITS = ("default", "orthogonal")
 
 
 def init_weights(module: nn.Module, scheme: str = "default", gain: float = 0.1) -> None:

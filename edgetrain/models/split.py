@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from edgetrain.errors import UserInputError
+from edgetrain.models.catalog import SPLIT_STRATEGIES
 from edgetrain.models.resnet import ResNetSpec
-
-SPLIT_STRATEGIES = ("even", "balanced")
 
 
 @dataclass(frozen=True)

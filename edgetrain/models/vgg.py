@@ -52,7 +52,7 @@ def vgg_layers(name: str, in_channels: int, width_multiplier: float = 1.0) -> li
     >>> [(l.out_channels, l.pool, l.penalised) for l in vgg_layers("vgg11", 3, 0.25)][:3]
     [(16, True, False), (32, True, False), (64, False, False)]
     >>> sum(l.penalised for l in vgg_layers("vgg16", 3))
-    8
+    9
     """
     layers: list[VGGLayer] = []
     channels = in_channels

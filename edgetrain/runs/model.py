@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from edgetrain.config import FitConfig
-from edgetrain.data.registry import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from edgetrain.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, FitConfig
 from edgetrain.errors import UserInputError
+from edgetrain.models.catalog import MAX_WIDTH, RESNET_DEPTHS, SHORTCUTS
 from edgetrain.models.heads import AuxHead
 from edgetrain.models.network import (
     StitchedNetwork,
@@ -27,14 +27,7 @@ from edgetrain.models.network import (
     load_module_state,
     module_state,
 )
-from edgetrain.models.resnet import (
-    MAX_WIDTH,
-    RESNET_DEPTHS,
-    SHORTCUTS,
-    ResNetModule,
-    ResNetSpec,
-    resnet_spec,
-)
+from edgetrain.models.resnet import ResNetModule, ResNetSpec, resnet_spec
 from edgetrain.models.split import ModulePlan, plan_modules
 from edgetrain.records import Fields, RecordError, read_json_object
 from edgetrain.runs.lock import RunLock

@@ -62,7 +62,6 @@ class SGD:
                 self.buffers[i] = state[f"momentum.{i}"].to(p.device, p.dtype).clone()
 
 
-LR_SCHEDULES = ("cosine", "constant", "step")
 STEP_MILESTONES = (0.6, 0.8)
 """--lr-schedule step: where (as fractions of a module's steps) the rate is divided."""
 STEP_DECAY = 0.2

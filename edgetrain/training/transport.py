@@ -13,9 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from edgetrain.config import TAU_SCHEDULES
 from edgetrain.errors import UserInputError
-
-TAU_SCHEDULES = ("halved", "constant", "multipliers")
 
 
 def tau_schedule(tau: float, num_modules: int, schedule: str = "halved") -> list[float]:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgetrain.cli_output import console, out_of_space
+from edgetrain.cli.output import console, out_of_space
 from edgetrain.errors import UserInputError
 from edgetrain.units import format_bytes
 
@@ -36,7 +36,8 @@ def profile(
 ) -> None:
     """Peak memory of end-to-end, checkpointed, vanilla greedy and TRGL training, each in a
     clean subprocess, against end-to-end and the analytic floor."""
-    from edgetrain.cli import _fail, _widths
+    from edgetrain.cli.fit import parse_widths as _widths
+    from edgetrain.cli.output import fail as _fail
     from edgetrain.memory.profile import ProfileSpec
     from edgetrain.memory.profile import profile as run_profile
 
@@ -64,11 +65,10 @@ def _check(model: str, widths: str, dataset: str, data_dir: Path | None, batch_s
     """Everything that can be checked before the first subprocess starts: a mistake found by
     a worker costs a process start, and one found when profile.json is written, the whole
     profile."""
-    from edgetrain.cli import _widths
+    from edgetrain.cli.fit import parse_widths as _widths
     from edgetrain.config import FitConfig
     from edgetrain.data import DATASET_NAMES
     from edgetrain.models.energy import TRANSPORT_FORMS
-    from edgetrain.models.split import SPLIT_STRATEGIES
 
     problems = []
     for flag, value in (("--batch-size", batch_size), ("--steps", steps),
@@ -83,28 +83,22 @@ def _check(model: str, widths: str, dataset: str, data_dir: Path | None, batch_s
     if transport_form not in TRANSPORT_FORMS:
         problems.append(f"--transport-form {transport_form!r} is not known; choose one of "
                         f"{', '.join(TRANSPORT_FORMS)}.")
-    if split not in SPLIT_STRATEGIES:
-        problems.append(f"--split {split!r} is not known; choose one of "
-                        f"{', '.join(SPLIT_STRATEGIES)}.")
     try:
-        # The same rules as fit's for the flags the two commands share.
-        FitConfig(model=model, widths=_widths(widths), threads=threads, data_dir=data_dir,
-                  out=out).validate()
+        # The same rules as fit's for the flags the two commands share (model, widths, K
+        # against the model's blocks, split, threads, paths).
+        FitConfig(model=model, widths=_widths(widths), modules=max(modules, 1), split=split,
+                  threads=threads, data_dir=data_dir, out=out).validate()
     except UserInputError as e:
         problems += e.problems
     from edgetrain.memory.profile import profile_folder_problem
 
-    if not problems and (problem := profile_folder_problem(out)):
+    if problem := profile_folder_problem(out):
         problems.append(problem)
     if problems:
         raise UserInputError(problems)
     from edgetrain.fit import resolve_device
-    from edgetrain.models.resnet import resnet_spec
-    from edgetrain.models.split import split_network
 
     resolve_device(device)
-    # K against the network's blocks; the image size does not change the block count.
-    split_network(resnet_spec(model, 1, _widths(widths)), modules, 32, split)
 
 
 def print_profile(data: dict) -> None:

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from edgetrain.cli_output import fail as _fail
-from edgetrain.cli_output import out_of_space
-from edgetrain.cli_output import say as _say
+from edgetrain.cli.output import fail as _fail
+from edgetrain.cli.output import out_of_space
+from edgetrain.cli.output import say as _say
 from edgetrain.errors import UserInputError
 from edgetrain.paths import check_paths, file_problem, folder_problem
 

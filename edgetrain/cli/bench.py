@@ -10,9 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from edgetrain.cli_output import console
-from edgetrain.cli_output import fail as _fail
-from edgetrain.cli_output import say as _say
+from edgetrain.cli.output import console
+from edgetrain.cli.output import fail as _fail
+from edgetrain.cli.output import say as _say
 from edgetrain.config import FitConfig
 from edgetrain.errors import UserInputError
 from edgetrain.paths import folder_problem
