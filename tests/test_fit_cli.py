@@ -173,3 +173,46 @@ def test_tables_are_whole_when_output_is_not_a_terminal(tmp_path):
                    "measured peak", "within budget"):
         assert header in proc.stdout, header
     assert "…" not in proc.stdout
+
+
+def test_fit_flags_are_fitconfigs_fields():
+    """FitConfig is the single source of `fit`'s options: every field (but the library-only
+    ones) is a flag with the field's default and the docstring under the field as its help."""
+    import dataclasses
+    import inspect
+
+    from edgetrain.cli.fit import FLAGS, LIBRARY_ONLY, fit
+    from edgetrain.config import FitConfig, field_docs
+
+    params = inspect.signature(fit).parameters
+    docs = field_docs(FitConfig)
+    for field in dataclasses.fields(FitConfig):
+        if field.name in LIBRARY_ONLY:
+            assert field.name not in params
+            continue
+        param = params[field.name]
+        default = (field.default if field.default is not dataclasses.MISSING
+                   else field.default_factory())
+        flag = FLAGS.get(field.name)
+        if flag is not None and flag.parse is not None and default is not None:
+            default = flag.show(default)
+        assert param.default == default, field.name
+        assert param.annotation.__metadata__[0].help == docs[field.name], field.name
+    result = CliRunner().invoke(app, ["fit", "--help"], env={"COLUMNS": "300"})
+    for field in dataclasses.fields(FitConfig):
+        if field.name not in LIBRARY_ONLY:
+            assert "--" + field.name.replace("_", "-") in result.output, field.name
+
+
+def test_the_bench_driver_and_config_checks_never_load_torch():
+    """A bench validates every run of a preset before the first one starts; on a
+    unified-memory board a CUDA context in the driver would eat into the runs' memory."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from edgetrain.bench import prepare_bench; "
+            "from edgetrain.config import FitConfig; FitConfig().validate(); "
+            "prepare_bench('fidelity'); prepare_bench('smoke', 'jetson-nano-4gb'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
