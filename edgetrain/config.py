@@ -57,9 +57,13 @@ class FitConfig:
     """Evaluate on a class-balanced subset of this many test images."""
 
     model: str = "resnet20"
-    """CIFAR ResNet depth: resnet8/14/20/32/44/56/110."""
+    """The network, by family (parameters of the modules, 1-channel input): CIFAR ResNets
+    resnet8/14/20/32/44/56/110 (resnet20 0.27 M, resnet56 0.85 M; --widths sets their
+    channels); VGG with BatchNorm vgg11/16/19 (9.2/14.7/20.0 M, about 30x resnet20's compute);
+    vision transformers vit-tiny/vit-small (0.21/1.07 M, patch 4); torchvision's own
+    tv-resnet18/34/50 and tv-mobilenet_v2 (11.2/21.3/23.5/2.2 M)."""
     widths: tuple[int, ...] = (16, 32, 64)
-    """Channels of each stage."""
+    """Channels of each stage (CIFAR ResNets only)."""
     modules: int = 4
     """K, the number of modules the network is split into (1 <= K <= number of blocks)."""
     split: str = "even"
@@ -141,10 +145,19 @@ class FitConfig:
     extra: dict = field(default_factory=dict)
     """Free-form fields tools may record (not used by training)."""
 
-    def validate(self) -> FitConfig:
-        """Check every field a user sets; raise one UserInputError listing all problems."""
+    def validate(self, custom_blocks: int | None = None) -> FitConfig:
+        """Check every field a user sets; raise one UserInputError listing all problems.
+        ``custom_blocks``: the number of blocks of a network given from Python (model
+        ``custom``, edgetrain.api.fit)."""
         problems = []
-        from edgetrain.models.catalog import INITS, SHORTCUTS, SPLIT_STRATEGIES, model_problems
+        from edgetrain.models.catalog import (
+            INITS,
+            MODELS,
+            SHORTCUTS,
+            SPLIT_STRATEGIES,
+            family,
+            model_problems,
+        )
 
         for flag, value, choices in (
                 ("--method", self.method, METHODS), ("--mode", self.mode, MODES),
@@ -157,7 +170,7 @@ class FitConfig:
             if value not in choices:
                 problems.append(f"{flag} {value!r} is not known; choose one of "
                                 f"{', '.join(choices)}.")
-        problems += model_problems(self.model, self.widths, self.modules)
+        problems += model_problems(self.model, self.widths, self.modules, custom_blocks)
         if not 0 < self.init_gain <= 10:
             problems.append(f"--init-gain must be in (0, 10], e.g. 0.1 (got {self.init_gain}).")
         if self.tau_schedule == "multipliers" and self.backend == "ort":
@@ -169,6 +182,15 @@ class FitConfig:
         elif self.backend == "ort" and (self.mode != "sequential" or self.method == "e2e"):
             problems.append("--backend ort trains modules one at a time: use it with "
                             "--mode sequential and --method trgl or vanilla.")
+        elif self.backend == "ort" and self.model not in MODELS:
+            problems.append("--backend ort is not available for a network given from Python "
+                            "yet; use --backend torch.")
+        elif self.backend == "ort" and family(self.model) == "vit":
+            # Measured: onnxruntime-training's gradient builder stops on the transformer
+            # block's graph (LayerNorm / attention) with an internal error.
+            problems.append(f"--backend ort cannot train --model {self.model} yet (onnxruntime-"
+                            "training builds no gradient graph for the transformer blocks); "
+                            "use --backend torch, or a CIFAR ResNet, VGG or torchvision model.")
         elif self.backend == "ort":
             from edgetrain.onnx.runtime import training_api
 

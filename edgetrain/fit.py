@@ -17,7 +17,8 @@ from edgetrain.errors import UserInputError
 from edgetrain.memory import allocator
 from edgetrain.memory.meter import MemoryMeter, current_rss_bytes
 from edgetrain.memory.planner import MemoryPlan, make_plan
-from edgetrain.models.resnet import resnet_spec
+from edgetrain.models.catalog import CUSTOM, family
+from edgetrain.models.families import CustomSpec, network_spec
 from edgetrain.models.split import split_network
 from edgetrain.records import Fields, RecordError, read_json_object
 from edgetrain.runs.files import write_json_atomic
@@ -41,8 +42,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def fit(config: FitConfig, progress: bool = False,
-        on_plan: Callable[[MemoryPlan], None] | None = None) -> dict:
+        on_plan: Callable[[MemoryPlan], None] | None = None, blocks: list | None = None
+        ) -> dict:
     """Train as ``config`` says; write everything to ``config.out``; return the report.
+
+    ``blocks``: a network given from Python (model ``custom``, edgetrain/models/families.py
+    CustomSpec) instead of a named one; edgetrain.api.fit is the documented way in.
 
     With a memory budget, the planner probes every phase first and either fits it into the
     budget (``on_plan`` sees the plan before training starts) or raises BudgetError; the guard
@@ -51,7 +56,7 @@ def fit(config: FitConfig, progress: bool = False,
     The run folder is locked (runs/lock.py) from before the first write (or, with
     ``--resume``, the first read) until this returns: a second process gets a clear error.
     """
-    config = config.validate().resolved()
+    config = config.validate(None if blocks is None else len(blocks)).resolved()
     device = resolve_device(config.device)
     # How freed tensor memory is kept and given back, before anything is built: the planner's
     # probes below run under the same policy as training (edgetrain/memory/allocator.py).
@@ -63,11 +68,12 @@ def fit(config: FitConfig, progress: bool = False,
     if config.threads:
         torch.set_num_threads(config.threads)
     with ExitStack() as held:
-        return _fit(config, device, framework_bytes, alloc, progress, on_plan, held)
+        return _fit(config, device, framework_bytes, alloc, progress, on_plan, held, blocks)
 
 
 def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
-         alloc: allocator.AllocatorState, progress: bool, on_plan, held: ExitStack) -> dict:
+         alloc: allocator.AllocatorState, progress: bool, on_plan, held: ExitStack,
+         blocks: list | None) -> dict:
     resolved = {"threads": torch.get_num_threads() if device.type == "cpu" else None,
                 "device": device.type}
     stored: FitConfig | None = None
@@ -96,7 +102,9 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
             f"on (dataset {config.dataset}, --data-dir {config.data_dir or 'default'}: its "
             "fingerprint differs). Point --data-dir at the run's own data, or start a new run "
             "in another --out.")
-    spec = resnet_spec(config.model, data.info.in_channels, config.widths, config.shortcut)
+    spec = (CustomSpec(blocks, data.info.in_channels, data.info.image_size) if blocks is not None
+            else network_spec(config.model, data.info.in_channels, data.info.image_size,
+                              config.widths, config.shortcut))
     plans = split_network(spec, config.modules, data.info.image_size, config.split)
     if problem := size_problem(config, spec, data.info, device):
         raise UserInputError(problem)
@@ -121,7 +129,8 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         _record_changes(run, stored, config, config_json)
     ctx.run = run
     write_json_atomic(run.model_info_path, {
-        "architecture": "cifar-resnet", "model": config.model, "widths": list(config.widths),
+        "architecture": family(config.model) if blocks is None else CUSTOM,
+        "model": config.model, "widths": list(config.widths),
         "shortcut": config.shortcut,
         "in_channels": data.info.in_channels, "num_classes": data.info.num_classes,
         "image_size": data.info.image_size, "mean": list(data.info.mean),
@@ -237,10 +246,10 @@ def size_problem(config: FitConfig, spec, info, device: torch.device) -> str | N
     weights = 3 * 4 * spec.parameter_count()
     batch = 4 * config.batch_size * info.in_channels * info.image_size ** 2
     if weights > total:
-        return (f"--model {config.model} --widths {','.join(map(str, config.widths))} has "
+        return (f"--model {config.model} has "
                 f"{spec.parameter_count():,} parameters: with gradients and momentum "
                 f"{format_bytes(weights)}, more than this machine's {format_bytes(total)}. "
-                "Choose narrower --widths or a smaller --model.")
+                "Choose a smaller --model (or, for a CIFAR ResNet, narrower --widths).")
     if batch > total:
         return (f"--batch-size {config.batch_size} at {info.image_size}x{info.image_size} px "
                 f"needs {format_bytes(batch)} for one input batch alone, more than this "

@@ -9,7 +9,7 @@ ends in one clear :class:`RecordError`, never in a traceback or a silently wrong
 
     fields = Fields(read_json_object(path), path)
     epochs = fields.int("epochs", low=1)
-    name = fields.str("model", choices=RESNET_DEPTHS)
+    name = fields.str("model", choices=MODELS)
 """
 
 from __future__ import annotations

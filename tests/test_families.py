@@ -92,3 +92,208 @@ def test_torchvision_blocks_are_torchvision_with_the_branch_exposed(name):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), k  # BN statistics too
     names = {n for b in blocks for n, _ in b.named_parameters()}
     assert all(n.startswith("block.") for n in names)
+
+
+# --- The families through edgetrain's own pipeline: split, modules, heads, fit, export. ---
+
+FAMILY_MODELS = ["vgg11", "vit-tiny", "tv-resnet18", "tv-mobilenet_v2"]
+
+
+@pytest.mark.parametrize("name", [*FAMILY_MODELS, "vgg19", "vit-small", "tv-resnet50",
+                                  "resnet20"])
+def test_every_family_splits_into_modules_that_chain(name):
+    """The planner's view of a network (each module's channels and side, from the spec alone)
+    is what the built modules really produce, module after module, with the energy a finite
+    scalar; the head fits the module's output."""
+    from edgetrain.models.families import network_spec
+    from edgetrain.models.network import build_head, build_module
+    from edgetrain.models.split import split_network
+
+    spec = network_spec(name, 1, 28)
+    plans = split_network(spec, 4, 28, "balanced")
+    assert [p.stop - p.start for p in plans] and plans[-1].stop == len(spec.blocks)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 28, 28)
+    built = 0
+    for plan in plans:
+        module, head = build_module(spec, plan), build_head(plan, 10)
+        built += sum(p.numel() for p in module.parameters())
+        y, transport = module(x, need_transport=True)
+        assert y.shape == (2, plan.out_channels, plan.out_size, plan.out_size), plan
+        assert transport.dim() == 0 and torch.isfinite(transport)
+        assert head(y).shape == (2, 10)
+        x = y.detach()
+    assert built == spec.parameter_count()  # counted on the meta device, equal to the real one
+
+
+def test_torchvision_module_holds_only_its_own_tensors():
+    """A module of tv-resnet50 is cut from a meta-device network: building the first module
+    (stem and layer1, 0.2 M of 23.5 M parameters) allocates its own tensors only, initialised
+    (no NaN, BatchNorm at unit scale, fresh running statistics)."""
+    from edgetrain.models.families import network_spec
+
+    spec = network_spec("tv-resnet50", 3, 64)
+    last = spec.build_module(0, 3)
+    params = list(last.parameters())
+    assert all(p.device.type == "cpu" and torch.isfinite(p).all() for p in params)
+    assert sum(p.numel() for p in params) < spec.parameter_count() / 50
+    bns = [m for m in last.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in bns)
+
+
+def _fit(tmp_path, *args):
+    from typer.testing import CliRunner
+
+    from edgetrain.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "fit", "--train-limit", "128", "--test-limit", "64", "--epochs", "1", "--modules", "2",
+        "--batch-size", "32", "--threads", "1", "--no-progress", "--out", str(out), *args])
+    return out, result
+
+
+@pytest.mark.parametrize("name", FAMILY_MODELS)
+def test_family_fits_and_exports(tmp_path, name):
+    """A tiny TRGL fit of each family on the built-in data, then its ONNX export, which the
+    exporter verifies against torch with onnxruntime (a mismatch fails the export)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgetrain.cli import app
+
+    out, result = _fit(tmp_path, "--model", name, "--method", "trgl")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    model = json.loads((out / "model.json").read_text())
+    assert model["model"] == name and model["architecture"] in ("vgg", "vit", "torchvision")
+    assert 0.0 <= report["test_accuracy"] <= 1.0
+    # The penalty was applied: TRGL's logged transport term is positive in every module.
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    transports = [e["train_transport"] for e in epochs if e.get("event") == "epoch"]
+    assert transports and all(t > 0 for t in transports)
+    exported = CliRunner().invoke(app, ["export", str(out)])
+    assert exported.exit_code == 0, exported.output
+    assert "onnxruntime vs torch" in exported.output
+
+
+def test_family_under_a_memory_budget_and_resume(tmp_path):
+    """The planner probes a transformer's modules like a ResNet's; a finished run resumes as
+    finished (model.json rebuilds the family)."""
+    out, result = _fit(tmp_path, "--model", "vit-tiny", "--memory-budget", "1.5GB")
+    assert result.exit_code == 0, result.output
+    assert "memory plan" in result.output
+    again, result = _fit(tmp_path, "--model", "vit-tiny", "--memory-budget", "1.5GB",
+                         "--resume")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "vit-tiny", "--backend", "ort"], "--backend ort cannot train --model vit-tiny"),
+    (["--model", "vgg13"], "vgg11, vgg16, vgg19, vit-tiny"),
+    (["--model", "vgg11", "--modules", "9"], "vgg11 has 8 blocks"),
+    (["--model", "vit-tiny", "--image-size", "30"], "multiple of 4"),
+])
+def test_family_bad_input_is_a_clear_error(tmp_path, args, needle):
+    out, result = _fit(tmp_path, *args)
+    assert result.exit_code != 0 and needle in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+# --- Your own model from Python (edgetrain.api). ---
+
+def _user_blocks():
+    from torch import nn
+
+    def conv(c_in, c_out, stride=1):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+                             nn.BatchNorm2d(c_out), nn.ReLU())
+
+    class Residual(nn.Module):
+        """Gives its own energy: mean(r^2) of its branch."""
+
+        def __init__(self, c):
+            super().__init__()
+            self.branch = conv(c, c)
+
+        def forward(self, x):
+            r = self.branch(x)
+            return x + r, (r ** 2).mean()
+
+    torch.manual_seed(0)
+    return [conv(1, 8), conv(8, 8), conv(8, 16, 2), Residual(16)]
+
+
+def test_user_blocks_train_export_refused_and_reload(tmp_path):
+    """A user's CNN trains module-wise with the penalty (its own energy for the residual
+    block, the T - id rule for shape-keeping layers); the blocks given are not trained in
+    place; the run reloads in Python with the same blocks, and the command line says clearly
+    that it cannot rebuild such a run."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import edgetrain.api as et
+    from edgetrain.cli import app
+    from edgetrain.errors import UserInputError
+
+    blocks = _user_blocks()
+    before = [t.clone() for b in blocks for t in b.state_dict().values()]
+    out = tmp_path / "mine"
+    trained = et.fit(blocks, modules=2, epochs=1, train_limit=128, test_limit=64,
+                     batch_size=32, threads=1, method="trgl", out=out)
+    assert trained.report["model"] == "custom" and 0 <= trained.report["test_accuracy"] <= 1
+    assert json.loads((out / "model.json").read_text())["architecture"] == "custom"
+    after = [t for b in blocks for t in b.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    epochs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(e["train_transport"] > 0 for e in epochs if e.get("event") == "epoch")
+    x = torch.randn(3, 1, 28, 28)
+    again = et.load(out, blocks)
+    assert torch.equal(again(x), trained.network(x))
+    with pytest.raises(UserInputError, match="network given from Python"):
+        et.load(out)
+    exported = CliRunner().invoke(app, ["export", str(out)])
+    assert exported.exit_code != 0 and "edgetrain.api.load" in exported.output
+    assert "Traceback" not in exported.output
+
+
+@pytest.mark.parametrize("blocks,needle", [
+    ([], "non-empty list"),
+    (["not a module"], "non-empty list"),
+    ([lambda: 3], "returned int"),
+    ([torch.nn.Flatten()], "blocks[0] returns shape"),
+    ([torch.nn.Conv2d(3, 4, 3)], "blocks[0] fails on an input"),  # data has 1 channel
+])
+def test_user_blocks_bad_input(tmp_path, blocks, needle):
+    import edgetrain.api as et
+    from edgetrain.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=None) as e:
+        et.fit(blocks, modules=1, epochs=1, train_limit=64, test_limit=32, threads=1,
+               out=tmp_path / "run")
+    assert needle in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_custom_on_the_command_line_is_a_clear_error(tmp_path):
+    out, result = _fit(tmp_path, "--model", "custom")
+    assert result.exit_code != 0 and "edgetrain.api.fit" in result.output
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """The README's Python example, as written, on a data subset (the only change)."""
+    import re
+    from pathlib import Path
+
+    import edgetrain.api as et
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"### Your own model, from Python\n\n```python\n(.*?)```", readme, re.S)[1]
+    real_fit = et.fit
+    monkeypatch.setattr(et, "fit", lambda *a, **k: real_fit(
+        *a, **k, train_limit=128, test_limit=64, threads=1))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "runs/my-cnn/report.json").is_file()

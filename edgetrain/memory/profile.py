@@ -89,9 +89,10 @@ def profile(spec: ProfileSpec, out: Path, variants: list[str] | None = None,
     replaced."""
     if problem := profile_folder_problem(out):
         raise UserInputError(problem)
-    from edgetrain.models.resnet import resnet_spec
+    from edgetrain.models.catalog import model_problems
 
-    resnet_spec(spec.model, 1, spec.widths)  # a bad --model fails here, before any subprocess
+    if problems := model_problems(spec.model, spec.widths):  # before any subprocess
+        raise UserInputError(problems)
     if variants:
         unknown = sorted(set(variants) - {v[0] for v in VARIANTS})
         if unknown:

@@ -58,6 +58,7 @@ def main(spec: dict) -> dict:
     framework = current_rss_bytes()
 
     from edgetrain.data import augment_batch, iterate_batches, load_dataset, normalize
+    from edgetrain.models.families import network_spec
     from edgetrain.models.network import (
         build_head,
         build_module,
@@ -65,7 +66,6 @@ def main(spec: dict) -> dict:
         set_checkpointing,
         set_transport_form,
     )
-    from edgetrain.models.resnet import resnet_spec
     from edgetrain.models.split import split_network
     from edgetrain.training.steps import greedy_step
     from edgetrain.training.transport import tau_schedule
@@ -80,7 +80,8 @@ def main(spec: dict) -> dict:
                              f"({len(data.train)} images); use at most {len(data.train)}.")
     release_free_memory(device)
     with_data = current_rss_bytes()
-    net_spec = resnet_spec(spec["model"], info.in_channels, tuple(spec["widths"]))
+    net_spec = network_spec(spec["model"], info.in_channels, info.image_size,
+                            tuple(spec["widths"]))
     plans = split_network(net_spec, spec["modules"], info.image_size, spec["split"])
     b, steps, method = spec["batch_size"], spec["steps"], spec["method"]
     taus = (tau_schedule(spec["tau"], len(plans)) if method == "trgl"

@@ -5,25 +5,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgetrain.models.chain import BlockChain
 from edgetrain.models.energy import check_transport_form
 from edgetrain.models.heads import AuxHead
-from edgetrain.models.resnet import ResNetModule, ResNetSpec, init_weights
+from edgetrain.models.resnet import ResNetSpec, init_weights
 from edgetrain.models.split import ModulePlan
 
 
 def build_module(spec: ResNetSpec, plan: ModulePlan, init: str = "default",
-                 gain: float = 0.1) -> ResNetModule:
-    """Only this module's blocks are instantiated: nothing else of the network is allocated."""
-    stem = (spec.in_channels, spec.stem_channels) if plan.has_stem else None
-    module = ResNetModule(list(spec.blocks[plan.start:plan.stop]), stem=stem,
-                          shortcut=spec.shortcut)
-    init_weights(module, init, gain)
-    return module
+                 gain: float = 0.1) -> BlockChain:
+    """Only this module's blocks are instantiated: nothing else of the network is allocated.
+    ``spec`` is any family's (edgetrain/models/families.py)."""
+    return spec.build_module(plan.start, plan.stop, init, gain)
 
 
 def build_head(plan: ModulePlan, num_classes: int, init: str = "default",
-               gain: float = 0.1) -> AuxHead:
-    head = AuxHead(plan.out_channels, num_classes)
+               gain: float = 0.1) -> nn.Module:
+    """The module's auxiliary head: the DGL conv head, or a transformer's token head."""
+    if plan.head == "token":
+        from edgetrain.models.vit import TokenHead
+
+        head: nn.Module = TokenHead(plan.out_channels, num_classes)
+    else:
+        head = AuxHead(plan.out_channels, num_classes)
     init_weights(head, init, gain)
     return head
 
@@ -54,7 +58,7 @@ class StitchedNetwork(nn.Module):
     modules are training scaffolding and are not part of it.
     """
 
-    def __init__(self, modules: list[ResNetModule], head: AuxHead):
+    def __init__(self, modules: list[BlockChain], head: nn.Module):
         super().__init__()
         self.stages = nn.ModuleList(modules)
         self.head = head
@@ -68,7 +72,7 @@ class StitchedNetwork(nn.Module):
 def set_checkpointing(model: nn.Module, enabled: bool) -> None:
     """Turn per-block activation checkpointing on or off in every module of ``model``."""
     for m in model.modules():
-        if isinstance(m, ResNetModule):
+        if isinstance(m, BlockChain):
             m.checkpointing = enabled
 
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from edgetrain.errors import UserInputError
 from edgetrain.models.catalog import DEFAULT_WIDTHS, RESNET_DEPTHS, SHORTCUTS, model_problems
+from edgetrain.models.chain import BlockChain
 from edgetrain.models.energy import batchnorm_branch, check_transport_form
-from edgetrain.models.recompute import recompute_in_backward
 
 
 @dataclass(frozen=True)
@@ -46,9 +46,29 @@ class ResNetSpec:
     """Downsampling shortcut: ``conv`` (1x1 conv + BN, option B of He et al.) or ``zero-pad``
     (subsample, then zero channels: option A, parameter-free, the authors' choice)."""
 
+    head = "conv"
+    """The auxiliary head every module gets (edgetrain/models/heads.py)."""
+
     @property
     def out_channels(self) -> int:
         return self.blocks[-1].out_channels
+
+    def stem_size(self, image_size: int) -> int:
+        """Side of the stem's output: the 3x3 stem keeps the resolution."""
+        return image_size
+
+    def stem_cost(self, image_size: int) -> float:
+        """Per-sample activation elements of the stem's output."""
+        return float(self.stem_channels * image_size * image_size)
+
+    def build_module(self, start: int, stop: int, init: str = "default", gain: float = 0.1
+                     ) -> ResNetModule:
+        """Blocks ``[start, stop)`` (and the stem if ``start`` is 0); nothing else of the
+        network is allocated."""
+        stem = (self.in_channels, self.stem_channels) if start == 0 else None
+        module = ResNetModule(list(self.blocks[start:stop]), stem=stem, shortcut=self.shortcut)
+        init_weights(module, init, gain)
+        return module
 
     def parameter_count(self) -> int:
         """Parameters of the network's modules, counted from the spec (nothing is built).
@@ -155,43 +175,21 @@ class BasicBlock(nn.Module):
         return F.relu(self.shortcut(x) + r), energy
 
 
-class ResNetModule(nn.Module):
-    """A contiguous run of blocks (plus the stem if it is the first module).
+class ResNetModule(BlockChain):
+    """A contiguous run of basic blocks (plus the stem if it is the first module).
 
-    ``forward`` returns ``(output, transport)`` where ``transport`` is the sum over this module's
-    blocks of their kinetic energy ``mean(r ** 2)``, what TRGL penalises. In training mode each
-    block takes it from its last BatchNorm's parameters and batch statistics, so the penalty
-    keeps no activation beyond what vanilla greedy keeps; in eval mode, or with
-    ``transport_form = "direct"`` on the blocks (:func:`edgetrain.models.network.
+    In training mode each block takes its energy from its last BatchNorm's parameters and batch
+    statistics, so the penalty keeps no activation beyond what vanilla greedy keeps; in eval
+    mode, or with ``transport_form = "direct"`` on the blocks (:func:`edgetrain.models.network.
     set_transport_form`), from r itself, keeping r for backward: one extra activation per
-    block. With ``need_transport=False`` (vanilla greedy, inference, caching) no energy is
-    computed and ``transport`` is 0.
+    block.
     """
 
     def __init__(self, blocks: list[BlockSpec], stem: tuple[int, int] | None = None,
                  shortcut: str = "conv"):
-        super().__init__()
-        self.stem = Stem(*stem) if stem is not None else None
-        self.blocks = nn.ModuleList(BasicBlock(b, shortcut=shortcut) for b in blocks)
-        self.out_channels = blocks[-1].out_channels
-        self.checkpointing = False
-        """Activation checkpointing per block: keep only each block's input for backward (the
-        energy leaves the block as a scalar, in either form) and recompute the rest; less
-        memory, about one more forward."""
-
-    def forward(self, x: torch.Tensor, need_transport: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.stem is not None:
-            x = self.stem(x)
-        transport = x.new_zeros(())
-        for block in self.blocks:
-            if self.checkpointing and torch.is_grad_enabled():
-                x, energy = recompute_in_backward(block, x, need_transport)
-            else:
-                x, energy = block(x, need_transport)
-            if energy is not None:
-                transport = transport + energy
-        return x, transport
+        super().__init__(Stem(*stem) if stem is not None else None,
+                         [BasicBlock(b, shortcut=shortcut) for b in blocks],
+                         blocks[-1].out_channels)
 
 
 def init_weights(module: nn.Module, scheme: str = "default", gain: float = 0.1) -> None:

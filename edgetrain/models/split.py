@@ -29,6 +29,8 @@ class ModulePlan:
     out_channels: int
     in_size: int
     out_size: int
+    head: str = "conv"
+    """Its auxiliary head: ``conv`` (the DGL head) or ``token`` (a transformer's)."""
 
     @property
     def has_stem(self) -> bool:
@@ -79,12 +81,12 @@ def balanced_sizes(costs: list[float], k: int) -> list[int]:
 
 def block_costs(spec: ResNetSpec, image_size: int) -> list[float]:
     """Per-sample activation elements of each block (the stem's are charged to block 0)."""
-    costs, size = [], image_size
+    costs, size = [], spec.stem_size(image_size)
     for i, block in enumerate(spec.blocks):
         size = block.output_size(size)
         cost = float(block.out_channels * size * size)
         if i == 0:
-            cost += spec.stem_channels * image_size * image_size
+            cost += spec.stem_cost(image_size)
         costs.append(cost)
     return costs
 
@@ -102,7 +104,7 @@ def split_network(spec: ResNetSpec, num_modules: int, image_size: int,
     n = len(spec.blocks)
     if not 1 <= num_modules <= n:
         raise UserInputError(
-            f"--modules {num_modules} is out of range: {spec.name} has {n} residual blocks, "
+            f"--modules {num_modules} is out of range: {spec.name} has {n} blocks, "
             f"so K must be between 1 and {n}."
         )
     if strategy == "even":
@@ -131,9 +133,11 @@ def plan_modules(spec: ResNetSpec, sizes: list[int], image_size: int) -> list[Mo
         blocks = spec.blocks[start:start + count]
         in_channels = spec.in_channels if index == 0 else blocks[0].in_channels
         in_size = size
+        if index == 0:
+            size = spec.stem_size(size)
         for block in blocks:
             size = block.output_size(size)
         plans.append(ModulePlan(index, start, start + count, in_channels,
-                                blocks[-1].out_channels, in_size, size))
+                                blocks[-1].out_channels, in_size, size, spec.head))
         start += count
     return plans

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetrain.models.chain import BlockChain
 from edgetrain.models.energy import direct_energy
 
 
@@ -88,8 +89,35 @@ class ViTBlock(nn.Module):
         return x + m, energy
 
 
+class ViTModule(BlockChain):
+    """A run of transformer blocks (and the patch embedding in the first module).
+
+    Between modules the tokens travel on their patch grid, ``[N, D, H/p, W/p]``, the layout of
+    every other family (the disk cache and the heads see images): the module turns them into
+    ``[N, T, D]`` on entry and back on exit. The exit is one copy of the module's output, the
+    tensor the next module (or the cache) takes anyway.
+    """
+
+    def __init__(self, stem: PatchEmbedding | None, blocks: list[ViTBlock], spec: ViTSpec):
+        super().__init__(stem, blocks, spec.dim)
+        self.patch = spec.patch
+
+    def forward(self, x: torch.Tensor, need_transport: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.stem is not None:
+            side = x.shape[-1] // self.patch
+            tokens = self.stem(x)
+        else:
+            side = x.shape[-1]
+            tokens = x.flatten(2).transpose(1, 2)
+        tokens, transport = self.run_blocks(tokens, need_transport)
+        n, _, d = tokens.shape
+        return tokens.transpose(1, 2).reshape(n, d, side, side), transport
+
+
 class TokenHead(nn.Module):
-    """The transformer head: LayerNorm -> mean over tokens -> Linear."""
+    """The transformer head: LayerNorm -> mean over tokens -> Linear. Takes tokens
+    ``[N, T, D]`` or a module's output on its patch grid ``[N, D, h, w]``."""
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
@@ -97,4 +125,6 @@ class TokenHead(nn.Module):
         self.fc = nn.Linear(dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            x = x.flatten(2).transpose(1, 2)
         return self.fc(self.norm(x).mean(dim=1))

@@ -58,10 +58,15 @@ class ExportReport:
     modules_max_abs_diff: float | None = None
     torch_accuracy: float = 0.0
     onnx_accuracy: float = 0.0
+    exit: int | None = None
+    """Modules exported (1..exit, with head ``exit``), if an early exit was asked for."""
+    exits: list = field(default_factory=list)
+    """Every exit's parameters, accuracy and latency (edgetrain/onnx/exits.py)."""
 
 
 def export_run(run_dir: Path, out: Path, per_module: bool = False,
-               data_dir: Path | None = None) -> ExportReport:
+               data_dir: Path | None = None, exit_at: int | str | None = None,
+               exit_tolerance: float = 0.5) -> ExportReport:
     """Export the run's stitched network to ``out`` (and its modules, if ``per_module``), then
     verify it; raise :class:`ExportVerificationError` if it disagrees with torch.
 
@@ -69,6 +74,9 @@ def export_run(run_dir: Path, out: Path, per_module: bool = False,
     only once verification has passed, so ``out`` is either the old file or a verified new one.
     An existing file at a final name is replaced only if edgetrain exported it (its metadata
     says so). The run is read under its shared lock: no `fit --overwrite` replaces it meanwhile.
+
+    ``exit_at``: export modules 1..K and head K only (an int), or ``"auto"``: the smallest K
+    whose head is within ``exit_tolerance`` points of the best head (edgetrain/onnx/exits.py).
     """
     if out.suffix != ".onnx":
         raise UserInputError(f"--out {out} should end in .onnx, e.g. --out model.onnx.")
@@ -77,6 +85,21 @@ def export_run(run_dir: Path, out: Path, per_module: bool = False,
     with reading_run(run_dir):
         network, info = load_stitched(run_dir)
         _, _, config = open_run(run_dir)
+        exits, chosen = [], None
+        if exit_at is not None:
+            from edgetrain.data import load_dataset
+            from edgetrain.onnx.exits import check_exit, choose_exit, exit_network, measure_exits
+
+            check_exit(exit_at, len(network.stages), config.method)
+            if not 0 <= exit_tolerance <= 100:
+                raise UserInputError(f"--exit-tolerance {exit_tolerance} must be between 0 and "
+                                     "100 points, e.g. 0.5.")
+            data = load_dataset(config.dataset, data_dir or config.data_dir, False,
+                                config.image_size, config.train_limit, config.test_limit,
+                                config.seed)
+            exits = measure_exits(Path(run_dir), len(network.stages), info, data)
+            chosen = choose_exit(exits, exit_tolerance) if exit_at == "auto" else exit_at
+            network = exit_network(Path(run_dir), chosen)
         finals = [out] + ([out.with_name(f"{out.stem}.module_{k}.onnx")
                            for k in range(len(network.stages))] if per_module else [])
         temps = {path: _temporary_name(path) for path in finals}
@@ -93,6 +116,7 @@ def export_run(run_dir: Path, out: Path, per_module: bool = False,
         remove_stale_temporaries(out)
         try:
             report = _export_and_verify(network, info, config, run_dir, out, temps, data_dir)
+            report.exit, report.exits = chosen, exits
             for final, temp in temps.items():
                 os.replace(temp, final)  # verified: only now does it take the real name
         finally:
@@ -105,8 +129,11 @@ def _export_and_verify(network, info: ModelInfo, config, run_dir: Path, out: Pat
                        temps: dict[Path, Path], data_dir: Path | None) -> ExportReport:
     shape = (info.in_channels, info.image_size, info.image_size)
     props = _metadata(info, run_dir)
+    if len(network.stages) < len(info.modules):
+        props["edgetrain.exit"] = str(len(network.stages))
     export_inference(network, shape, temps[out], "logits", props,
-                     f"edgetrain {info.model}, {len(info.modules)} modules stitched, eval mode")
+                     f"edgetrain {info.model}, {len(network.stages)} of {len(info.modules)} "
+                     "modules stitched, eval mode")
     module_paths = [p for p in temps if p != out]
     last = len(network.stages) - 1
     for k, path in enumerate(module_paths):

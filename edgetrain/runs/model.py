@@ -17,8 +17,9 @@ import torch
 
 from edgetrain.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, FitConfig
 from edgetrain.errors import UserInputError
-from edgetrain.models.catalog import MAX_WIDTH, RESNET_DEPTHS, SHORTCUTS
-from edgetrain.models.heads import AuxHead
+from edgetrain.models.catalog import CUSTOM, MAX_WIDTH, MODELS, SHORTCUTS
+from edgetrain.models.chain import BlockChain
+from edgetrain.models.families import CustomSpec, network_spec
 from edgetrain.models.network import (
     StitchedNetwork,
     build_head,
@@ -27,7 +28,7 @@ from edgetrain.models.network import (
     load_module_state,
     module_state,
 )
-from edgetrain.models.resnet import ResNetModule, ResNetSpec, resnet_spec
+from edgetrain.models.resnet import ResNetSpec
 from edgetrain.models.split import ModulePlan, plan_modules
 from edgetrain.records import Fields, RecordError, read_json_object
 from edgetrain.runs.lock import RunLock
@@ -56,7 +57,7 @@ class ModelInfo:
         """model.json, every field checked (names, ranges, a split that covers the network's
         blocks in order) before anything is built from it. RecordError names file and field."""
         f = Fields(read_json_object(path), path)
-        model = f.str("model", choices=RESNET_DEPTHS)
+        model = f.str("model", choices=(*MODELS, CUSTOM))
         widths = tuple(f.ints("widths", low=1, high=MAX_WIDTH))
         in_channels = f.int("in_channels", low=1, high=4)
         num_classes = f.int("num_classes", low=2, high=100_000)
@@ -64,29 +65,45 @@ class ModelInfo:
         mean = tuple(f.floats("mean", length=in_channels))
         std = tuple(f.floats("std", low=1e-12, length=in_channels))
         shortcut = f.str("shortcut", choices=SHORTCUTS, optional=True) or "conv"
-        spec = resnet_spec(model, in_channels, widths, shortcut)
+        blocks = (None if model == CUSTOM  # its blocks live in the caller's code
+                  else len(network_spec(model, in_channels, image_size, widths, shortcut).blocks))
         modules = tuple(tuple(m) for m in f.list("modules"))
         expected_start = 0
         for m in modules:
             if len(m) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in m) \
                     or m[0] != expected_start or m[1] <= m[0]:
                 raise RecordError(f"{path}: field 'modules' must be contiguous [start, stop] "
-                                  f"block ranges from 0 to {len(spec.blocks)} (found "
+                                  f"block ranges from 0 (found "
                                   f"{list(modules)!r:.80}).")
             expected_start = m[1]
-        if expected_start != len(spec.blocks):
-            raise RecordError(f"{path}: field 'modules' must cover the {len(spec.blocks)} blocks "
+        if blocks is not None and expected_start != blocks:
+            raise RecordError(f"{path}: field 'modules' must cover the {blocks} blocks "
                               f"of {model} (found {list(modules)!r:.80}).")
         return cls(model=model, widths=widths, in_channels=in_channels,
                    num_classes=num_classes, image_size=image_size, mean=mean, std=std,
                    dataset=f.str("dataset"), modules=modules, shortcut=shortcut)
 
-    def spec(self) -> ResNetSpec:
-        return resnet_spec(self.model, self.in_channels, self.widths, self.shortcut)
+    def spec(self, blocks: list | None = None) -> ResNetSpec:
+        """The network's spec, any family (edgetrain/models/families.py); a network given from
+        Python needs its ``blocks`` again."""
+        if self.model != CUSTOM:
+            return network_spec(self.model, self.in_channels, self.image_size, self.widths,
+                                self.shortcut)
+        if blocks is None:
+            raise UserInputError(
+                "this run trained a network given from Python (model 'custom'): the command "
+                "line cannot rebuild it. Load it in Python with edgetrain.api.load(run_dir, "
+                "blocks), passing the same blocks.")
+        spec = CustomSpec(blocks, self.in_channels, self.image_size)
+        if len(spec.blocks) != self.modules[-1][1]:
+            raise UserInputError(f"the run's network has {self.modules[-1][1]} blocks; "
+                                 f"{len(spec.blocks)} were given.")
+        return spec
 
-    def plans(self) -> list[ModulePlan]:
+    def plans(self, blocks: list | None = None) -> list[ModulePlan]:
         """The recorded split (whatever --split made it), not a recomputed one."""
-        return plan_modules(self.spec(), [b - a for a, b in self.modules], self.image_size)
+        return plan_modules(self.spec(blocks), [b - a for a, b in self.modules],
+                            self.image_size)
 
 
 def open_run(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[RunDir, ModelInfo, FitConfig]:
@@ -120,16 +137,19 @@ def reading_run(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def load_stitched(run_dir: Path) -> tuple[StitchedNetwork, ModelInfo]:
-    """The deployable network of a run (modules in order + last head), in eval mode, on CPU."""
+def load_stitched(run_dir: Path, blocks: list | None = None
+                  ) -> tuple[StitchedNetwork, ModelInfo]:
+    """The deployable network of a run (modules in order + last head), in eval mode, on CPU.
+    ``blocks``: a network given from Python, the same blocks again."""
     run, info, _ = open_run(run_dir, need=("model.safetensors",))
+    spec, plans = info.spec(blocks), info.plans(blocks)
     # model.json's sizes are checked against the weights' header before anything is built.
     with torch.device("meta"):
-        expected = build_network(info.spec(), info.plans(), info.num_classes).state_dict()
+        expected = build_network(spec, plans, info.num_classes).state_dict()
     if problem := shapes_problem(run.model_path, {k: tuple(v.shape)
                                                   for k, v in expected.items()}):
         raise UserInputError(f"{problem}: model.json and model.safetensors do not agree.")
-    network = build_network(info.spec(), info.plans(), info.num_classes)
+    network = build_network(spec, plans, info.num_classes)
     try:
         state = load_weights(run.model_path)
     except WeightsCorruptError as e:
@@ -143,7 +163,7 @@ def load_stitched(run_dir: Path) -> tuple[StitchedNetwork, ModelInfo]:
     return network.eval(), info
 
 
-def load_module(run_dir: Path, k: int) -> tuple[ResNetModule, AuxHead, ModulePlan]:
+def load_module(run_dir: Path, k: int) -> tuple[BlockChain, torch.nn.Module, ModulePlan]:
     """Module ``k`` (0-based, as in modules/module_K.safetensors) and its auxiliary head, with
     the trained weights and BatchNorm statistics, in eval mode, on CPU."""
     run, info, _ = open_run(run_dir)
