@@ -171,6 +171,16 @@ class FitConfig:
                 problems.append(f"{flag} {value!r} is not known; choose one of "
                                 f"{', '.join(choices)}.")
         problems += model_problems(self.model, self.widths, self.modules, custom_blocks)
+        resnet = self.model in MODELS and family(self.model) == "resnet"
+        if not resnet and self.widths != FitConfig.widths:
+            problems.append(f"--widths sets the channels of the CIFAR ResNets only; --model "
+                            f"{self.model} has its own. Leave --widths out.")
+        if not resnet and self.shortcut != FitConfig.shortcut:
+            problems.append(f"--shortcut applies to the CIFAR ResNets only, not to --model "
+                            f"{self.model}. Leave --shortcut out.")
+        if self.model not in MODELS and self.init != FitConfig.init:
+            problems.append("--init does not apply to a network given from Python: its blocks "
+                            "keep the weights they come with. Initialise them yourself.")
         if not 0 < self.init_gain <= 10:
             problems.append(f"--init-gain must be in (0, 10], e.g. 0.1 (got {self.init_gain}).")
         if self.tau_schedule == "multipliers" and self.backend == "ort":

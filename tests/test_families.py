@@ -297,3 +297,22 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "runs/my-cnn/report.json").is_file()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "vgg11", "--widths", "8,16,32"], "--widths sets the channels of the CIFAR"),
+    (["--model", "vit-tiny", "--shortcut", "zero-pad"], "--shortcut applies to the CIFAR"),
+])
+def test_resnet_only_flags_are_refused_for_other_families(tmp_path, args, needle):
+    out, result = _fit(tmp_path, *args)
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert not out.exists()
+
+
+def test_init_is_refused_for_user_blocks(tmp_path):
+    import edgetrain.api as et
+    from edgetrain.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="--init does not apply"):
+        et.fit(_user_blocks(), modules=2, init="orthogonal", out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
