@@ -12,7 +12,13 @@ from edgetrain.memory.planner import MemoryPlan
 from edgetrain.units import format_bytes
 
 
-def print_plan(plan: MemoryPlan, console: Console) -> None:
+def print_plan(plan: MemoryPlan | None, layout, console: Console) -> None:
+    """The layout (split, heads, K and why), then the memory plan if there is a budget."""
+    if layout.modules_reason:
+        console.print(f"modules: {escape(layout.modules_reason)}")
+    console.print(f"split: {escape(layout.reason)}")
+    if plan is None:
+        return
     table = Table(title=f"memory plan: budget {format_bytes(plan.budget_bytes)}, "
                         f"usable {format_bytes(plan.usable_bytes)} after a "
                         f"{plan.safety_margin:.0%} margin (probes took {plan.probe_time_s:.0f} s)")
@@ -20,7 +26,10 @@ def print_plan(plan: MemoryPlan, console: Console) -> None:
                    "per sample", "predicted peak"):
         table.add_column(column, justify="right")
     for p in plan.phases:
-        table.add_row(p.phase, str(p.batch_size), f"{p.micro_batch} x {p.accumulation}",
+        batch = str(p.batch_size)
+        if p.batch_size != layout.batch_size:  # --batch-growth: the lr is scaled alike
+            batch += f" (lr x{p.batch_size // layout.batch_size})"
+        table.add_row(p.phase, batch, f"{p.micro_batch} x {p.accumulation}",
                       "yes" if p.checkpointing else "no", format_bytes(p.fixed_bytes),
                       format_bytes(p.per_sample_bytes), format_bytes(p.predicted_peak_bytes))
     console.print(table)

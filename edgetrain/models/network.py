@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from edgetrain.models.energy import check_transport_form
-from edgetrain.models.heads import AuxHead
+from edgetrain.models.heads import AuxHead, make_head
 from edgetrain.models.resnet import ResNetModule, ResNetSpec, init_weights
 from edgetrain.models.split import ModulePlan
 
@@ -23,7 +23,8 @@ def build_module(spec: ResNetSpec, plan: ModulePlan, init: str = "default",
 
 def build_head(plan: ModulePlan, num_classes: int, init: str = "default",
                gain: float = 0.1) -> AuxHead:
-    head = AuxHead(plan.out_channels, num_classes)
+    """The auxiliary head the plan gives module ``plan.index`` (``plan.head``: dgl or light)."""
+    head = make_head(plan.head, plan.out_channels, num_classes, plan.out_size)
     init_weights(head, init, gain)
     return head
 

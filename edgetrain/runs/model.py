@@ -17,7 +17,7 @@ import torch
 
 from edgetrain.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, FitConfig
 from edgetrain.errors import UserInputError
-from edgetrain.models.catalog import MAX_WIDTH, RESNET_DEPTHS, SHORTCUTS
+from edgetrain.models.catalog import HEADS, MAX_WIDTH, RESNET_DEPTHS, SHORTCUTS
 from edgetrain.models.heads import AuxHead
 from edgetrain.models.network import (
     StitchedNetwork,
@@ -50,6 +50,8 @@ class ModelInfo:
     dataset: str
     modules: tuple[tuple[int, int], ...]
     shortcut: str = "conv"
+    heads: tuple[str, ...] = ()
+    """Each module's auxiliary head (dgl or light); runs before heads were recorded: all dgl."""
 
     @classmethod
     def read(cls, path: Path) -> ModelInfo:
@@ -77,16 +79,21 @@ class ModelInfo:
         if expected_start != len(spec.blocks):
             raise RecordError(f"{path}: field 'modules' must cover the {len(spec.blocks)} blocks "
                               f"of {model} (found {list(modules)!r:.80}).")
+        heads = tuple(f.list("heads", optional=True) or ["dgl"] * len(modules))
+        if len(heads) != len(modules) or any(h not in HEADS for h in heads):
+            raise RecordError(f"{path}: field 'heads' must name one head ({', '.join(HEADS)}) "
+                              f"per module (found {list(heads)!r:.80}).")
         return cls(model=model, widths=widths, in_channels=in_channels,
                    num_classes=num_classes, image_size=image_size, mean=mean, std=std,
-                   dataset=f.str("dataset"), modules=modules, shortcut=shortcut)
+                   dataset=f.str("dataset"), modules=modules, shortcut=shortcut, heads=heads)
 
     def spec(self) -> ResNetSpec:
         return resnet_spec(self.model, self.in_channels, self.widths, self.shortcut)
 
     def plans(self) -> list[ModulePlan]:
         """The recorded split (whatever --split made it), not a recomputed one."""
-        return plan_modules(self.spec(), [b - a for a, b in self.modules], self.image_size)
+        return plan_modules(self.spec(), [b - a for a, b in self.modules], self.image_size,
+                            list(self.heads) or None)
 
 
 def open_run(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[RunDir, ModelInfo, FitConfig]:

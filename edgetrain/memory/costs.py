@@ -1,0 +1,196 @@
+"""What a module of a network costs in memory when it trains, counted block by block.
+
+The split planner (edgetrain/memory/layout.py) needs the peak of every candidate module,
+``blocks start .. stop - 1`` with its head, without building and probing each one. A module's
+training peak is, at the start of its backward pass:
+
+    batch x (input + sum of its blocks' saved activations + its head's + the gradient pair)
+    + weights, buffers, gradients and momentum of its blocks and head
+
+* *input*: the module's input batch (raw images for module 1, else the previous module's
+  output), kept by its first convolution;
+* *saved activations*: what autograd keeps for backward beyond a block's input, counted with
+  ``saved_tensors_hooks`` (edgetrain/memory/breakdown.py) on a batch of 2 at the block's real
+  resolution (the stem's are charged to block 0); a block's output is the next block's input,
+  one storage, counted once;
+* *the gradient pair*: backward holds the gradient of an activation and of the one before it
+  at once, two buffers of the module's largest activation (autograd frees neither earlier);
+* *head*: what the head keeps beyond its input (the DGL head: one activation of the module's
+  output size; the light head pools first), and its weights, gradients and momentum.
+
+With per-block activation checkpointing (edgetrain/models/recompute.py) a block keeps only its
+input, and backward recomputes one block at a time: saved = the block inputs plus the largest
+block's activations, once.
+
+Counted, not measured: the numbers depend on shapes only, so the same configuration plans the
+same split on every machine and every run (a resumed run's split is read from plan.json anyway).
+The planner's probes then measure the modules it chose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from edgetrain.memory.breakdown import count_saved_activations, parameter_bytes, trainable_bytes
+from edgetrain.models.heads import HEADS, make_head
+from edgetrain.models.resnet import BasicBlock, ResNetSpec, Stem
+
+_COUNT_BATCH = 2
+FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Per sample, in bytes, except ``state_bytes``."""
+
+    input_bytes: float
+    """The block's input (for block 0: the raw image; the stem sits in front of it)."""
+    stem_bytes: float
+    """Block 0 only: what the stem keeps beyond the image (its output, block 0's real input,
+    included). The stem is never checkpointed."""
+    saved_bytes: float
+    """What the block keeps for backward beyond its input (its output included)."""
+    output_bytes: float
+    """Its output: the next block's input, and what its head reads."""
+    largest_bytes: float
+    """Its largest activation (input, stem output or output): the gradient pair's size."""
+    state_bytes: int
+    """Weights and buffers, gradients and momentum (once per module, not per sample)."""
+
+
+@dataclass(frozen=True)
+class HeadCost:
+    saved_bytes: float
+    """Per sample: what the head keeps beyond its input."""
+    largest_bytes: float
+    """Per sample: the largest activation inside the head (its gradient pair's size)."""
+    state_bytes: int
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    """Weights and buffers, gradients and momentum."""
+    return parameter_bytes(module) + 2 * trainable_bytes(module)
+
+
+@dataclass(frozen=True)
+class NetworkCosts:
+    """Counted costs of every block of a network, and of each head kind after every block."""
+
+    blocks: tuple[BlockCost, ...]
+    heads: dict[str, tuple[HeadCost, ...]]
+    """Head kind -> its cost when it follows block b (index b)."""
+
+    @classmethod
+    def count(cls, spec: ResNetSpec, image_size: int, num_classes: int,
+              need_transport: bool = False) -> NetworkCosts:
+        """Count every block's and head's cost (``need_transport``: TRGL's energy asked for;
+        in its BatchNorm form it keeps only storages BatchNorm keeps anyway)."""
+        blocks, heads = [], {kind: [] for kind in HEADS}
+        per = 1 / _COUNT_BATCH
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the values do not matter, only the shapes
+            image = torch.randn(_COUNT_BATCH, spec.in_channels, image_size, image_size)
+            stem = Stem(spec.in_channels, spec.stem_channels)
+            x, stem_saved = count_saved_activations(lambda: stem(image),
+                                                    [*stem.parameters(), image])
+            x = x.detach()
+            size = image_size
+            for i, block_spec in enumerate(spec.blocks):
+                block = BasicBlock(block_spec, shortcut=spec.shortcut)
+                out, saved = count_saved_activations(
+                    lambda block=block, x=x: block(x, need_transport)[0],
+                    [*block.parameters(), x])
+                out = out.detach()
+                largest = max(x[0].numel(), out[0].numel())
+                if i == 0:
+                    largest = max(largest, image[0].numel())
+                blocks.append(BlockCost(
+                    input_bytes=(image if i == 0 else x)[0].numel() * FLOAT_BYTES,
+                    stem_bytes=stem_saved * per if i == 0 else 0.0,
+                    saved_bytes=saved * per, output_bytes=out[0].numel() * FLOAT_BYTES,
+                    largest_bytes=largest * FLOAT_BYTES,
+                    state_bytes=_state_bytes(block) + (_state_bytes(stem) if i == 0 else 0)))
+                size = block_spec.output_size(size)
+                for kind in HEADS:
+                    head = make_head(kind, block_spec.out_channels, num_classes, size)
+                    _, head_saved = count_saved_activations(
+                        lambda head=head, out=out: head(out), [*head.parameters(), out])
+                    heads[kind].append(HeadCost(head_saved * per,
+                                                _largest_inner_activation(head, out) * per,
+                                                _state_bytes(head)))
+                x = out
+        return cls(tuple(blocks), {k: tuple(v) for k, v in heads.items()})
+
+    def module_bytes(self, start: int, stop: int, head: str, batch: int,
+                     checkpointing: bool = False) -> int:
+        """The counted training peak of a module holding blocks ``start .. stop - 1`` and a
+        ``head`` head, at batch size ``batch`` (see the module docstring)."""
+        return self.module_count(start, stop, head, batch, checkpointing).total_bytes
+
+    def module_count(self, start: int, stop: int, head: str, batch: int,
+                     checkpointing: bool = False) -> ModuleCount:
+        """:meth:`module_bytes`, part by part."""
+        blocks = self.blocks[start:stop]
+        h = self.heads[head][stop - 1]
+        recompute = 0.0
+        if checkpointing:
+            # Kept through forward: the stem's activations, each block's input, and the last
+            # block's output (the head's input); in backward one block at a time is recomputed.
+            saved = (blocks[0].stem_bytes + sum(b.input_bytes for b in blocks[1:])
+                     + blocks[-1].output_bytes)
+            recompute = max(b.saved_bytes - b.output_bytes for b in blocks)
+        else:
+            saved = blocks[0].stem_bytes + sum(b.saved_bytes for b in blocks)
+        pair = 2 * max(max(b.largest_bytes for b in blocks), h.largest_bytes)
+        return ModuleCount(
+            input_bytes=int(batch * blocks[0].input_bytes),
+            saved_bytes=int(batch * saved), recompute_bytes=int(batch * recompute),
+            head_saved_bytes=int(batch * h.saved_bytes), gradient_pair_bytes=int(batch * pair),
+            state_bytes=sum(b.state_bytes for b in blocks) + h.state_bytes)
+
+
+@dataclass(frozen=True)
+class ModuleCount:
+    """A module's counted training peak, part by part (bytes at the batch size asked for)."""
+
+    input_bytes: int
+    saved_bytes: int
+    """What the module's blocks keep for backward beyond the input."""
+    recompute_bytes: int
+    """With checkpointing: the largest block's activations, alive again in its backward."""
+    head_saved_bytes: int
+    gradient_pair_bytes: int
+    state_bytes: int
+    """Weights and buffers, gradients and momentum of the module and its head."""
+
+    @property
+    def floor_bytes(self) -> int:
+        """Everything but the gradient pair: what autograd keeps, the input, the state."""
+        return (self.input_bytes + self.saved_bytes + self.recompute_bytes
+                + self.head_saved_bytes + self.state_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.floor_bytes + self.gradient_pair_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "floor_bytes": self.floor_bytes, "total_bytes": self.total_bytes}
+
+
+def _largest_inner_activation(head: torch.nn.Module, x: torch.Tensor) -> int:
+    """Elements x bytes of the largest tensor a head's layers produce on ``x``."""
+    largest = 0
+
+    def hook(module, inputs, output):
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel() * output.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in head.modules() if m is not head]
+    with torch.no_grad():
+        head(x)
+    for handle in handles:
+        handle.remove()
+    return largest
