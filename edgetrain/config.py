@@ -203,6 +203,10 @@ class FitConfig:
         if self.modules is None and self.method == "e2e":
             problems.append("--modules auto applies to module-wise training (--method trgl or "
                             "vanilla); end-to-end training has no modules to count.")
+        elif self.modules is None and self.mode == "parallel":
+            problems.append("--modules auto probes one module at a time, as --mode sequential "
+                            "trains them; parallel mode holds every module at once: give K as a "
+                            "number, or use --mode sequential.")
         if self.batch_growth < 1 or self.batch_growth & (self.batch_growth - 1):
             problems.append(f"--batch-growth must be a power of 2 (1, 2, 4, ...), got "
                             f"{self.batch_growth}.")

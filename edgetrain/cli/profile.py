@@ -140,7 +140,7 @@ BREAKDOWN = [  # (column, key in the worker's breakdown)
     ("head", "head_saved_bytes"),
     ("backward", "backward_and_temporaries_bytes"),
     ("allocator", "allocator_and_other_bytes"),
-    ("left over", "left_over_from_earlier_phases_bytes"),
+    ("before", "resident_before_phase_bytes"),
 ]
 
 
@@ -148,8 +148,8 @@ def print_breakdown(results: list[dict]) -> None:
     """Where each variant's peak phase went, from the counted floor up."""
     table = Table(title="where the peak goes (peak phase): weights+grads+momentum, input batch, "
                         "saved activations, recomputed block, head; then backward's gradients "
-                        "and temporaries, allocator and other non-tensor memory, and what "
-                        "earlier phases left resident")
+                        "and temporaries, allocator and other non-tensor memory, and what was "
+                        "resident before the phase began (cost count, earlier phases)")
     table.add_column("variant")
     table.add_column("phase", justify="right")
     for column, _ in BREAKDOWN:

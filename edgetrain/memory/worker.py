@@ -261,7 +261,7 @@ def main(spec: dict) -> dict:
     phases = [{
         "peak_bytes": phase_peak,
         "training_only_bytes": phase_peak if cuda else max(0, phase_peak - with_data),
-        "left_over_bytes": 0 if cuda else max(0, start - with_data),
+        "resident_before_bytes": 0 if cuda else max(0, start - with_data),
         "tensor_peak_bytes": tensors,
         "count": count.as_dict(),
     } for phase_peak, start, tensors, count in zip(peaks, starts, tensor_peaks, counts)]
@@ -269,14 +269,15 @@ def main(spec: dict) -> dict:
     breakdown = {
         # What the peak phase held, from the floor up: the counted floor's parts, then what
         # backward allocated on top (tensor peak - floor), then what the process held beyond
-        # live tensors (allocator, kernels' scratch: measured - left over - tensor peak), and
-        # what earlier phases left resident.
+        # live tensors (allocator, kernels' scratch: measured - resident before - tensor peak),
+        # and what was resident above framework + data when the phase's meter was reset (the
+        # cost count and the layout for the first phase; earlier phases for later ones).
         **{k: v for k, v in top["count"].items() if k not in ("total_bytes", "floor_bytes",
                                                                "gradient_pair_bytes")},
         "backward_and_temporaries_bytes": top["tensor_peak_bytes"] - top["count"]["floor_bytes"],
-        "allocator_and_other_bytes": (top["training_only_bytes"] - top["left_over_bytes"]
+        "allocator_and_other_bytes": (top["training_only_bytes"] - top["resident_before_bytes"]
                                       - top["tensor_peak_bytes"]),
-        "left_over_from_earlier_phases_bytes": top["left_over_bytes"],
+        "resident_before_phase_bytes": top["resident_before_bytes"],
     }
     return {
         "variant": spec["variant"], "method": method, "mode": mode,
