@@ -10,9 +10,10 @@ training peak is, at the start of its backward pass:
 * *input*: the module's input batch (raw images for module 1, else the previous module's
   output), kept by its first convolution;
 * *saved activations*: what autograd keeps for backward beyond a block's input, counted with
-  ``saved_tensors_hooks`` (edgetrain/memory/breakdown.py) on a batch of 2 at the block's real
-  resolution (the stem's are charged to block 0); a block's output is the next block's input,
-  one storage, counted once;
+  ``saved_tensors_hooks`` (edgetrain/memory/breakdown.py) at the block's real
+  resolution, at two batch sizes so that what does not grow with the batch (BatchNorm's
+  statistics) is not scaled with it (the stem's are charged to block 0); a block's output is
+  the next block's input, one storage, counted once;
 * *the gradient pair*: backward holds the gradient of an activation and of the one before it
   at once, two buffers of the module's largest activation (autograd frees neither earlier);
 * *head*: what the head keeps beyond its input (the DGL head: one activation of the module's
@@ -37,13 +38,13 @@ from edgetrain.memory.breakdown import count_saved_activations, parameter_bytes,
 from edgetrain.models.heads import HEADS, make_head
 from edgetrain.models.resnet import BasicBlock, ResNetSpec, Stem
 
-_COUNT_BATCH = 2
+_COUNT_BATCHES = (2, 4)
 FLOAT_BYTES = 4
 
 
 @dataclass(frozen=True)
 class BlockCost:
-    """Per sample, in bytes, except ``state_bytes``."""
+    """Per sample, in bytes, except ``state_bytes`` and ``fixed_bytes``."""
 
     input_bytes: float
     """The block's input (for block 0: the raw image; the stem sits in front of it)."""
@@ -58,6 +59,9 @@ class BlockCost:
     """Its largest activation (input, stem output or output): the gradient pair's size."""
     state_bytes: int
     """Weights and buffers, gradients and momentum (once per module, not per sample)."""
+    fixed_bytes: float = 0.0
+    """What the stem (block 0) and the block keep whatever the batch: BatchNorm's per-channel
+    statistics (once per module, not per sample)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ class HeadCost:
     largest_bytes: float
     """Per sample: the largest activation inside the head (its gradient pair's size)."""
     state_bytes: int
+    fixed_bytes: float = 0.0
+    """What the head keeps whatever the batch (BatchNorm's statistics)."""
 
 
 def _state_bytes(module: torch.nn.Module) -> int:
@@ -86,41 +92,35 @@ class NetworkCosts:
     def count(cls, spec: ResNetSpec, image_size: int, num_classes: int,
               need_transport: bool = False) -> NetworkCosts:
         """Count every block's and head's cost (``need_transport``: TRGL's energy asked for;
-        in its BatchNorm form it keeps only storages BatchNorm keeps anyway)."""
-        blocks, heads = [], {kind: [] for kind in HEADS}
-        per = 1 / _COUNT_BATCH
-        with torch.random.fork_rng():
-            torch.manual_seed(0)  # the values do not matter, only the shapes
-            image = torch.randn(_COUNT_BATCH, spec.in_channels, image_size, image_size)
-            stem = Stem(spec.in_channels, spec.stem_channels)
-            x, stem_saved = count_saved_activations(lambda: stem(image),
-                                                    [*stem.parameters(), image])
-            x = x.detach()
-            size = image_size
-            for i, block_spec in enumerate(spec.blocks):
-                block = BasicBlock(block_spec, shortcut=spec.shortcut)
-                out, saved = count_saved_activations(
-                    lambda block=block, x=x: block(x, need_transport)[0],
-                    [*block.parameters(), x])
-                out = out.detach()
-                largest = max(x[0].numel(), out[0].numel())
-                if i == 0:
-                    largest = max(largest, image[0].numel())
-                blocks.append(BlockCost(
-                    input_bytes=(image if i == 0 else x)[0].numel() * FLOAT_BYTES,
-                    stem_bytes=stem_saved * per if i == 0 else 0.0,
-                    saved_bytes=saved * per, output_bytes=out[0].numel() * FLOAT_BYTES,
-                    largest_bytes=largest * FLOAT_BYTES,
-                    state_bytes=_state_bytes(block) + (_state_bytes(stem) if i == 0 else 0)))
-                size = block_spec.output_size(size)
-                for kind in HEADS:
-                    head = make_head(kind, block_spec.out_channels, num_classes, size)
-                    _, head_saved = count_saved_activations(
-                        lambda head=head, out=out: head(out), [*head.parameters(), out])
-                    heads[kind].append(HeadCost(head_saved * per,
-                                                _largest_inner_activation(head, out) * per,
-                                                _state_bytes(head)))
-                x = out
+        in its BatchNorm form it keeps only storages BatchNorm keeps anyway).
+
+        Counted at two batch sizes: what a block keeps is ``fixed + per_sample * batch``, and
+        the fixed part (BatchNorm's per-channel statistics) must not be scaled with the batch.
+        """
+        small, large = (_count_at(spec, image_size, num_classes, need_transport, b)
+                        for b in _COUNT_BATCHES)
+        span = _COUNT_BATCHES[1] - _COUNT_BATCHES[0]
+
+        def split(a: float, b: float) -> tuple[float, float]:
+            """(per sample, fixed) of a count that was ``a`` at the small batch, ``b`` at the
+            large one."""
+            per = (b - a) / span
+            return per, a - per * _COUNT_BATCHES[0]
+
+        blocks = []
+        for a, b in zip(small["blocks"], large["blocks"], strict=True):
+            stem, stem_fixed = split(a["stem"], b["stem"])
+            saved, fixed = split(a["saved"], b["saved"])
+            blocks.append(BlockCost(
+                input_bytes=a["input"], stem_bytes=stem, saved_bytes=saved,
+                output_bytes=a["output"], largest_bytes=a["largest"],
+                state_bytes=a["state"], fixed_bytes=stem_fixed + fixed))
+        heads = {}
+        for kind in HEADS:
+            heads[kind] = []
+            for a, b in zip(small["heads"][kind], large["heads"][kind], strict=True):
+                saved, fixed = split(a["saved"], b["saved"])
+                heads[kind].append(HeadCost(saved, a["largest"], a["state"], fixed))
         return cls(tuple(blocks), {k: tuple(v) for k, v in heads.items()})
 
     def module_bytes(self, start: int, stop: int, head: str, batch: int,
@@ -134,20 +134,25 @@ class NetworkCosts:
         """:meth:`module_bytes`, part by part."""
         blocks = self.blocks[start:stop]
         h = self.heads[head][stop - 1]
-        recompute = 0.0
+        recompute = fixed = recompute_fixed = 0.0
         if checkpointing:
             # Kept through forward: the stem's activations, each block's input, and the last
-            # block's output (the head's input); in backward one block at a time is recomputed.
+            # block's output (the head's input); in backward one block at a time is recomputed
+            # (its BatchNorm statistics with it).
             saved = (blocks[0].stem_bytes + sum(b.input_bytes for b in blocks[1:])
                      + blocks[-1].output_bytes)
             recompute = max(b.saved_bytes - b.output_bytes for b in blocks)
+            recompute_fixed = max(b.fixed_bytes for b in blocks)
         else:
             saved = blocks[0].stem_bytes + sum(b.saved_bytes for b in blocks)
+            fixed = sum(b.fixed_bytes for b in blocks)
         pair = 2 * max(max(b.largest_bytes for b in blocks), h.largest_bytes)
         return ModuleCount(
             input_bytes=int(batch * blocks[0].input_bytes),
-            saved_bytes=int(batch * saved), recompute_bytes=int(batch * recompute),
-            head_saved_bytes=int(batch * h.saved_bytes), gradient_pair_bytes=int(batch * pair),
+            saved_bytes=round(batch * saved + fixed),
+            recompute_bytes=round(batch * recompute + recompute_fixed),
+            head_saved_bytes=round(batch * h.saved_bytes + h.fixed_bytes),
+            gradient_pair_bytes=int(batch * pair),
             state_bytes=sum(b.state_bytes for b in blocks) + h.state_bytes)
 
 
@@ -194,3 +199,41 @@ def _largest_inner_activation(head: torch.nn.Module, x: torch.Tensor) -> int:
     for handle in handles:
         handle.remove()
     return largest
+
+
+def _count_at(spec: ResNetSpec, image_size: int, num_classes: int, need_transport: bool,
+              batch: int) -> dict:
+    """Raw counts at one batch size: bytes saved for backward by the stem, each block and each
+    head kind after each block; per-sample sizes of inputs, outputs and largest activations;
+    state bytes."""
+    blocks, heads = [], {kind: [] for kind in HEADS}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # the values do not matter, only the shapes
+        image = torch.randn(batch, spec.in_channels, image_size, image_size)
+        stem = Stem(spec.in_channels, spec.stem_channels)
+        x, stem_saved = count_saved_activations(lambda: stem(image), [*stem.parameters(), image])
+        x = x.detach()
+        size = image_size
+        for i, block_spec in enumerate(spec.blocks):
+            block = BasicBlock(block_spec, shortcut=spec.shortcut)
+            out, saved = count_saved_activations(
+                lambda block=block, x=x: block(x, need_transport)[0], [*block.parameters(), x])
+            out = out.detach()
+            largest = max(x[0].numel(), out[0].numel())
+            if i == 0:
+                largest = max(largest, image[0].numel())
+            blocks.append({
+                "input": (image if i == 0 else x)[0].numel() * FLOAT_BYTES,
+                "stem": stem_saved if i == 0 else 0, "saved": saved,
+                "output": out[0].numel() * FLOAT_BYTES, "largest": largest * FLOAT_BYTES,
+                "state": _state_bytes(block) + (_state_bytes(stem) if i == 0 else 0)})
+            size = block_spec.output_size(size)
+            for kind in HEADS:
+                head = make_head(kind, block_spec.out_channels, num_classes, size)
+                _, head_saved = count_saved_activations(
+                    lambda head=head, out=out: head(out), [*head.parameters(), out])
+                heads[kind].append({"saved": head_saved,
+                                    "largest": _largest_inner_activation(head, out) / batch,
+                                    "state": _state_bytes(head)})
+            x = out
+    return {"blocks": blocks, "heads": heads}
