@@ -13,12 +13,12 @@ from edgetrain.units import format_bytes
 
 
 def print_plan(plan: MemoryPlan | None, layout, console: Console) -> None:
-    """The layout (split, heads, K and why), then the memory plan if there is a budget."""
-    if layout.modules_reason:
-        console.print(f"modules: {escape(layout.modules_reason)}")
-    console.print(f"split: {escape(layout.reason)}")
+    """With a budget: the layout (K, split, heads and why), then the memory plan. Without one
+    nothing is printed before training (an error then stays the only output); the layout
+    comes with the report."""
     if plan is None:
         return
+    print_layout(layout.modules_reason, layout.reason, console)
     table = Table(title=f"memory plan: budget {format_bytes(plan.budget_bytes)}, "
                         f"usable {format_bytes(plan.usable_bytes)} after a "
                         f"{plan.safety_margin:.0%} margin (probes took {plan.probe_time_s:.0f} s)")
@@ -36,7 +36,15 @@ def print_plan(plan: MemoryPlan | None, layout, console: Console) -> None:
     console.print(f"measured with: {escape(plan.meter)}")
 
 
+def print_layout(modules_reason: str | None, reason: str, console: Console) -> None:
+    if modules_reason:
+        console.print(f"modules: {escape(modules_reason)}")
+    console.print(f"split: {escape(reason)}")
+
+
 def print_report(report: dict, out: Path, console: Console) -> None:
+    if not report.get("memory_budget_bytes") and report.get("layout_reason"):
+        print_layout(report.get("modules_reason"), report["layout_reason"], console)
     table = Table(title=f"edgetrain fit: {report['method']} ({report['mode']}), "
                         f"{report['model']} on {report['dataset']}")
     for column in ("module", "blocks", "tau", "aux test acc", "train time", "train peak"):
