@@ -81,7 +81,10 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         run, lock, marker = open_for_resume(config.out)
         held.callback(lock.release)
         stored, stored_resolved = _read_stored_config(run)
-        scheduler.finished_module_records(run, stored.modules)  # the log, checked before use
+        # The log, checked before use (against the K the run resolved: --modules auto).
+        stored_k = stored.modules if stored.modules is not None else \
+            stored_resolved.get("modules")
+        scheduler.finished_module_records(run, stored_k if isinstance(stored_k, int) else None)
         changed = {k: (stored_resolved.get(k), v) for k, v in resolved.items()
                    if stored_resolved.get(k) not in (None, v)}
         if problem := config.resume_problem(stored, config.out, changed):
