@@ -114,11 +114,11 @@ def main(spec: dict) -> dict:
                                need_transport=method == "trgl")
     # The split `edgetrain fit` would train (the layout planner's), counted for this variant:
     # with checkpointing, blocks cost their input, so the best cuts move.
-    head = spec.get("head", "dgl")
-    if not greedy and head == "auto":
-        head = "dgl"  # as fit does: end to end, the last head is the classifier
+    head_choice = spec.get("head", "dgl")
+    if not greedy and head_choice == "auto":
+        head_choice = "dgl"  # as fit does: end to end, the last head is the classifier
     layout = choose_split(net_spec, costs, spec["modules"] if greedy else 1, info.image_size,
-                          spec.get("split", "memory"), head, b, checkpointing)
+                          spec.get("split", "memory"), head_choice, b, checkpointing)
     plans = layout.plans(net_spec, info.image_size)
     taus = (tau_schedule(spec["tau"], len(plans)) if method == "trgl"
             else [float("inf")] * len(plans))
