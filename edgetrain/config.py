@@ -61,8 +61,8 @@ class FitConfig:
     widths: tuple[int, ...] = (16, 32, 64)
     """Channels of each stage."""
     modules: int | None = 4
-    """K, the number of modules the network is split into (1 <= K <= number of blocks); None
-    (``--modules auto``): the smallest K whose every module fits --memory-budget at the
+    """K, the number of modules the network is split into (1 <= K <= number of blocks), or
+    auto (stored as None): the smallest K whose every module fits --memory-budget at the
     requested batch without micro-batches (edgetrain/memory/layout.py)."""
     split: str = "memory"
     """How blocks are shared among modules: memory (the smallest counted peak of the largest
