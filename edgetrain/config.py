@@ -64,10 +64,17 @@ class FitConfig:
     tv-resnet18/34/50 and tv-mobilenet_v2 (11.2/21.3/23.5/2.2 M)."""
     widths: tuple[int, ...] = (16, 32, 64)
     """Channels of each stage (CIFAR ResNets only)."""
-    modules: int = 4
-    """K, the number of modules the network is split into (1 <= K <= number of blocks)."""
-    split: str = "even"
-    """How blocks are shared among modules: even (same count) or balanced (same memory)."""
+    modules: int | None = 4
+    """K, the number of modules the network is split into (1 <= K <= number of blocks), or
+    auto (stored as None): the smallest K whose every module fits --memory-budget at the
+    requested batch without micro-batches (edgetrain/memory/layout.py)."""
+    split: str = "memory"
+    """How blocks are shared among modules: memory (the smallest counted peak of the largest
+    module, its head included), even (same count) or balanced (same activation elements)."""
+    head: str = "dgl"
+    """Auxiliary heads: dgl (the paper's, a 3x3 conv at the module's resolution), light (pools
+    to 8x8 first), or auto (light only on the modules whose DGL head would decide the peak).
+    Transformers always take their token head."""
     shortcut: str = "conv"
     """Downsampling shortcut: conv (1x1 conv + BN) or zero-pad (subsample + zero channels,
     parameter-free: the authors')."""
@@ -88,6 +95,10 @@ class FitConfig:
     epochs/N epochs per pass and continuing from its weights of the pass before."""
     batch_size: int = 128
     """Mini-batch size."""
+    batch_growth: int = 1
+    """Sequential mode under --memory-budget: a module may train at up to this many times
+    --batch-size (a power of 2) when the plan shows it fits, with its lr scaled by the same
+    factor (linear scaling rule); 1 keeps every module at --batch-size."""
     lr: float = 0.05
     """Peak learning rate of SGD (momentum 0.9), scheduled over each module's epochs."""
     lr_schedule: str = "cosine"
@@ -151,6 +162,7 @@ class FitConfig:
         ``custom``, edgetrain.api.fit)."""
         problems = []
         from edgetrain.models.catalog import (
+            HEAD_CHOICES,
             INITS,
             MODELS,
             SHORTCUTS,
@@ -165,6 +177,7 @@ class FitConfig:
                                                        CACHE_DTYPES),
                 ("--device", self.device, DEVICES), ("--split", self.split, SPLIT_STRATEGIES),
                 ("--shortcut", self.shortcut, SHORTCUTS), ("--init", self.init, INITS),
+                ("--head", self.head, HEAD_CHOICES),
                 ("--lr-schedule", self.lr_schedule, LR_SCHEDULES),
                 ("--tau-schedule", self.tau_schedule, TAU_SCHEDULES)):
             if value not in choices:
@@ -175,6 +188,9 @@ class FitConfig:
         if not resnet and self.widths != FitConfig.widths:
             problems.append(f"--widths sets the channels of the CIFAR ResNets only; --model "
                             f"{self.model} has its own. Leave --widths out.")
+        if self.model in MODELS and family(self.model) == "vit" and self.head != "dgl":
+            problems.append(f"--head {self.head} applies to convolutional networks; --model "
+                            f"{self.model} trains with its token head. Leave --head out.")
         if not resnet and self.shortcut != FitConfig.shortcut:
             problems.append(f"--shortcut applies to the CIFAR ResNets only, not to --model "
                             f"{self.model}. Leave --shortcut out.")
@@ -210,8 +226,29 @@ class FitConfig:
                 problems.extend(e.problems)
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                             ("--modules", self.modules), ("--cache-views", self.cache_views)):
-            if value < 1:
+            if value is not None and value < 1:
                 problems.append(f"{flag} must be at least 1 (got {value}).")
+        if self.modules is None and self.memory_budget is None:
+            problems.append("--modules auto picks the smallest K that fits the memory budget: "
+                            "add --memory-budget (e.g. 2GB), or give K as a number.")
+        if self.modules is None and self.method == "e2e":
+            problems.append("--modules auto applies to module-wise training (--method trgl or "
+                            "vanilla); end-to-end training has no modules to count.")
+        elif self.modules is None and self.mode == "parallel":
+            problems.append("--modules auto probes one module at a time, as --mode sequential "
+                            "trains them; parallel mode holds every module at once: give K as a "
+                            "number, or use --mode sequential.")
+        if self.batch_growth < 1 or self.batch_growth & (self.batch_growth - 1):
+            problems.append(f"--batch-growth must be a power of 2 (1, 2, 4, ...), got "
+                            f"{self.batch_growth}.")
+        elif self.batch_growth > 1:
+            if self.memory_budget is None:
+                problems.append("--batch-growth lets the memory planner give a module a larger "
+                                "batch where it fits the budget: add --memory-budget.")
+            if self.mode != "sequential" or self.method == "e2e" or self.backend != "torch":
+                problems.append("--batch-growth applies to sequential module-wise training with "
+                                "the torch backend (each module alone in memory): use it with "
+                                "--mode sequential, --method trgl or vanilla, --backend torch.")
         if self.laps < 1:
             problems.append(f"--laps must be at least 1 (got {self.laps}).")
         elif self.laps > 1:
@@ -283,7 +320,8 @@ class FitConfig:
 
     def resolved(self) -> FitConfig:
         """The config as the run will use it: the cache only applies to sequential greedy
-        training, and tau only to TRGL."""
+        training, and tau only to TRGL. (``modules`` None, auto, is resolved by the layout
+        planner: edgetrain/fit.py.)"""
         changes: dict = {}
         if self.method == "e2e" or self.mode == "parallel":
             changes["cache"] = "none"

@@ -15,8 +15,10 @@ from edgetrain.data import load_dataset
 from edgetrain.data.fingerprint import data_fingerprint
 from edgetrain.errors import UserInputError
 from edgetrain.memory import allocator
+from edgetrain.memory.costs import NetworkCosts
+from edgetrain.memory.layout import Layout, choose_num_modules, choose_split
 from edgetrain.memory.meter import MemoryMeter, current_rss_bytes
-from edgetrain.memory.planner import MemoryPlan, make_plan
+from edgetrain.memory.planner import MemoryPlan, make_plan, usable_bytes
 from edgetrain.models.catalog import CUSTOM, family
 from edgetrain.models.families import CustomSpec, network_spec
 from edgetrain.models.split import split_network
@@ -42,16 +44,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def fit(config: FitConfig, progress: bool = False,
-        on_plan: Callable[[MemoryPlan], None] | None = None, blocks: list | None = None
-        ) -> dict:
+        on_plan: Callable[[MemoryPlan | None, Layout], None] | None = None,
+        blocks: list | None = None) -> dict:
     """Train as ``config`` says; write everything to ``config.out``; return the report.
 
     ``blocks``: a network given from Python (model ``custom``, edgetrain/models/families.py
     CustomSpec) instead of a named one; edgetrain.api.fit is the documented way in.
 
-    With a memory budget, the planner probes every phase first and either fits it into the
-    budget (``on_plan`` sees the plan before training starts) or raises BudgetError; the guard
-    then compares each phase's measured peak with the budget (``report["budget_exceeded"]``).
+    The layout planner cuts the network into modules first (``--split``, ``--head``,
+    ``--modules auto``). With a memory budget, the planner then probes every phase and either
+    fits it into the budget or raises BudgetError; the guard then compares each phase's
+    measured peak with the budget (``report["budget_exceeded"]``). ``on_plan`` sees the memory
+    plan (None without a budget) and the layout before training starts.
 
     The run folder is locked (runs/lock.py) from before the first write (or, with
     ``--resume``, the first read) until this returns: a second process gets a clear error.
@@ -83,7 +87,10 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         run, lock, marker = open_for_resume(config.out)
         held.callback(lock.release)
         stored, stored_resolved = _read_stored_config(run)
-        scheduler.finished_module_records(run, stored.modules)  # the log, checked before use
+        # The log, checked before use (against the K the run resolved: --modules auto).
+        stored_k = stored.modules if stored.modules is not None else \
+            stored_resolved.get("modules")
+        scheduler.finished_module_records(run, stored_k if isinstance(stored_k, int) else None)
         changed = {k: (stored_resolved.get(k), v) for k, v in resolved.items()
                    if stored_resolved.get(k) not in (None, v)}
         if problem := config.resume_problem(stored, config.out, changed):
@@ -105,20 +112,25 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
     spec = (CustomSpec(blocks, data.info.in_channels, data.info.image_size) if blocks is not None
             else network_spec(config.model, data.info.in_channels, data.info.image_size,
                               config.widths, config.shortcut))
-    plans = split_network(spec, config.modules, data.info.image_size, config.split)
     if problem := size_problem(config, spec, data.info, device):
         raise UserInputError(problem)
     meter = MemoryMeter(device)
-    ctx = scheduler.Context(config, data, spec, plans, scheduler.tau_for(config), device,
-                            run, meter, ProgressBars(progress))
+    ctx = scheduler.Context(config, data, spec, [], [], device, run, meter,
+                            ProgressBars(progress))
+    # Probes (--modules auto, then the memory plan) measure each candidate module once.
+    lines: dict = {}
+    layout = _layout(ctx, stored, lines)
+    ctx.plans = layout.plans(spec, data.info.image_size)
+    ctx.taus = scheduler.tau_for(config, len(ctx.plans))
+    resolved["modules"] = len(ctx.plans)
     if stored is not None:
         report = _finished_report(ctx)
         if report is not None:
             return report  # finished already, outputs intact: nothing to redo
     if config.memory_budget is not None:
-        ctx.memory_plan = _memory_plan(ctx, stored, framework_bytes)
-        if on_plan is not None:
-            on_plan(ctx.memory_plan)
+        ctx.memory_plan = _memory_plan(ctx, stored, framework_bytes, lines)
+    if on_plan is not None:
+        on_plan(ctx.memory_plan, layout)
     config_json = json.dumps({**config.to_dict(), "resolved": resolved}, indent=2,
                              sort_keys=True)
     if stored is None:
@@ -135,14 +147,16 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         "in_channels": data.info.in_channels, "num_classes": data.info.num_classes,
         "image_size": data.info.image_size, "mean": list(data.info.mean),
         "std": list(data.info.std), "dataset": data.info.name,
-        "modules": [[p.start, p.stop] for p in plans],
+        "modules": [[p.start, p.stop] for p in ctx.plans],
+        "heads": [p.head for p in ctx.plans],
     })
     run.log("resume" if config.resume else "start", device=str(device), run_id=marker.run_id,
             memory_backend=meter.backend, framework_baseline_bytes=framework_bytes,
             allocator=alloc.as_dict())
-    if ctx.memory_plan is not None:
-        write_json_atomic(run.plan_path, ctx.memory_plan.as_dict())
-        run.log("plan", **ctx.memory_plan.as_dict())
+    plan_record = {**(ctx.memory_plan.as_dict() if ctx.memory_plan else {}),
+                   "layout": layout.as_dict()}
+    write_json_atomic(run.plan_path, plan_record)
+    run.log("plan", **plan_record)
 
     start = time.perf_counter()
     try:
@@ -189,7 +203,10 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         "method": config.method, "mode": config.mode, "cache": config.cache,
         "activation_checkpointing": config.activation_checkpointing,
         "cache_dtype": config.cache_dtype, "cache_views": config.cache_views,
-        "dataset": config.dataset, "model": config.model, "num_modules": config.modules,
+        "dataset": config.dataset, "model": config.model, "num_modules": len(ctx.plans),
+        "split": layout.strategy, "module_sizes": list(layout.sizes),
+        "heads": list(layout.heads), "layout_reason": layout.reason,
+        "modules_reason": layout.modules_reason, "batch_growth": config.batch_growth,
         "epochs": config.epochs, "laps": config.laps, "batch_size": config.batch_size,
         "seed": config.seed, "lr_schedule": config.lr_schedule,
         "num_parameters": sum(p.numel() for p in network.parameters()),
@@ -323,21 +340,65 @@ def _finished_report(ctx: scheduler.Context) -> dict | None:
 
 
 def _memory_plan(ctx: scheduler.Context, stored: FitConfig | None,
-                 framework_bytes: int) -> MemoryPlan:
+                 framework_bytes: int, lines: dict) -> MemoryPlan:
     """The plan of a resumed run as it was made (plan.json), unless the budget changed or the
-    file is damaged; otherwise the planner probes every phase now."""
+    file is damaged; otherwise the planner probes every phase now (``lines``: phases probed
+    already, by ``--modules auto``)."""
     config = ctx.config
     if stored is not None and stored.memory_budget == config.memory_budget and \
             stored.batch_size == config.batch_size:
         phases = 1 if config.method == "e2e" or config.mode == "parallel" else len(ctx.plans)
         try:
-            return MemoryPlan.read(ctx.run.plan_path, phases, config.batch_size)
+            return MemoryPlan.read(ctx.run.plan_path, phases, config.batch_size,
+                                   config.batch_growth)
         except RecordError as e:
             ctx.run.log("plan_remade", reason=str(e))
     from edgetrain.training.probes import phases
 
     return make_plan(phases(ctx), config.batch_size, config.memory_budget.bytes, ctx.meter,
-                     framework_bytes=framework_bytes, budget_text=str(config.memory_budget))
+                     framework_bytes=framework_bytes, budget_text=str(config.memory_budget),
+                     lines=lines, growth=config.batch_growth, max_batch=len(ctx.data.train))
+
+
+def _layout(ctx: scheduler.Context, stored: FitConfig | None, lines: dict) -> Layout:
+    """How the network is cut (edgetrain/memory/layout.py). A resumed run's layout is the one
+    it started with: plan.json's, or model.json's where plan.json cannot be read (runs from
+    before layouts were recorded: their config's split, which those versions computed the
+    same way)."""
+    config, spec, info = ctx.config, ctx.spec, ctx.data.info
+    if stored is not None:
+        try:
+            record = read_json_object(ctx.run.plan_path)
+            if "layout" in record:
+                return Layout.from_dict(record["layout"], ctx.run.plan_path, len(spec.blocks))
+        except RecordError as e:
+            ctx.run.log("plan_remade", reason=str(e))
+        from edgetrain.runs.model import ModelInfo
+
+        try:
+            model = ModelInfo.read(ctx.run.model_info_path)
+            sizes = tuple(b - a for a, b in model.modules)
+            return Layout(config.split, sizes, model.heads, config.head, config.batch_size,
+                          (0,) * len(sizes), "read from model.json (plan.json had no layout)")
+        except (RecordError, OSError):
+            pass  # nothing was trained from a layout yet: plan one
+    if config.method == "e2e":
+        sizes = tuple(p.num_blocks for p in split_network(spec, config.modules, info.image_size,
+                                                          "even"))
+        return Layout("even", sizes, ("dgl" if config.head == "auto" else config.head,)
+                      * len(sizes), config.head, config.batch_size, (0,) * len(sizes),
+                      "end to end: the split only groups the blocks, the last head classifies")
+    costs = NetworkCosts.count(spec, info.image_size, info.num_classes,
+                               need_transport=config.method == "trgl")
+    if config.modules is not None:
+        return choose_split(spec, costs, config.modules, info.image_size, config.split,
+                            config.head, config.batch_size, config.activation_checkpointing)
+    from edgetrain.training.probes import layout_verdict
+
+    usable = usable_bytes(config.memory_budget.bytes)
+    verdict = layout_verdict(ctx, lambda k: scheduler.tau_for(config, k), usable, lines)
+    return choose_num_modules(spec, costs, info.image_size, config.split, config.head,
+                              config.batch_size, verdict)
 
 
 def _train(ctx: scheduler.Context):

@@ -12,7 +12,13 @@ from edgetrain.memory.planner import MemoryPlan
 from edgetrain.units import format_bytes
 
 
-def print_plan(plan: MemoryPlan, console: Console) -> None:
+def print_plan(plan: MemoryPlan | None, layout, console: Console) -> None:
+    """With a budget: the layout (K, split, heads and why), then the memory plan. Without one
+    nothing is printed before training (an error then stays the only output); the layout
+    comes with the report."""
+    if plan is None:
+        return
+    print_layout(layout.modules_reason, layout.reason, console)
     table = Table(title=f"memory plan: budget {format_bytes(plan.budget_bytes)}, "
                         f"usable {format_bytes(plan.usable_bytes)} after a "
                         f"{plan.safety_margin:.0%} margin (probes took {plan.probe_time_s:.0f} s)")
@@ -20,14 +26,25 @@ def print_plan(plan: MemoryPlan, console: Console) -> None:
                    "per sample", "predicted peak"):
         table.add_column(column, justify="right")
     for p in plan.phases:
-        table.add_row(p.phase, str(p.batch_size), f"{p.micro_batch} x {p.accumulation}",
+        batch = str(p.batch_size)
+        if p.batch_size != layout.batch_size:  # --batch-growth: the lr is scaled alike
+            batch += f" (lr x{p.batch_size // layout.batch_size})"
+        table.add_row(p.phase, batch, f"{p.micro_batch} x {p.accumulation}",
                       "yes" if p.checkpointing else "no", format_bytes(p.fixed_bytes),
                       format_bytes(p.per_sample_bytes), format_bytes(p.predicted_peak_bytes))
     console.print(table)
     console.print(f"measured with: {escape(plan.meter)}")
 
 
+def print_layout(modules_reason: str | None, reason: str, console: Console) -> None:
+    if modules_reason:
+        console.print(f"modules: {escape(modules_reason)}")
+    console.print(f"split: {escape(reason)}")
+
+
 def print_report(report: dict, out: Path, console: Console) -> None:
+    if not report.get("memory_budget_bytes") and report.get("layout_reason"):
+        print_layout(report.get("modules_reason"), report["layout_reason"], console)
     table = Table(title=f"edgetrain fit: {report['method']} ({report['mode']}), "
                         f"{report['model']} on {report['dataset']}")
     for column in ("module", "blocks", "tau", "aux test acc", "train time", "train peak"):

@@ -498,8 +498,9 @@ def _in_small_disk(tmp_path: Path, size: str, script: str) -> str:
 def test_full_disk_keeps_module_1_and_the_documented_way_finishes(tmp_path):
     """Module 1 trains, its float32 cache does not fit the disk: a clean error; then
     `--resume --cache-dtype float16 --allow-changes cache-dtype` finishes the run without
-    training module 1 again (its last epoch checkpoint holds it)."""
-    tiny = " ".join(TINY)
+    training module 1 again (its last epoch checkpoint holds it). The disk is sized for the
+    even split's module 1 output (14x14x16; --split memory's 1|2 caches 28x28x8, twice that)."""
+    tiny = " ".join([*TINY, "--split", "even"])
     out = tmp_path / "copied"
     script = (
         f'$PY -m edgetrain fit {tiny} --out "$DISK/run" 2>"$DISK/../err1"; echo "first=$?"; '

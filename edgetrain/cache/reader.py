@@ -3,14 +3,16 @@
 Why positioned reads and not ``np.load`` or ``np.memmap``: loading is O(dataset) memory by
 definition, and the pages of a memory-mapped file that an epoch touches count toward the
 process's resident set (RSS, VmHWM), which is exactly what edgetrain's memory meter measures and
-budgets against; one mapped epoch over a large cache would read as a huge "peak". ``os.pread``
+budgets against; one mapped epoch over a large cache would read as a huge "peak". ``os.preadv``
 copies rows into a buffer we own instead. The kernel's page cache still holds recently read
 pages, but that is reclaimable kernel memory, not part of this process's RSS.
 
-Memory while reading is O(batch): one read buffer of ``batch_size`` rows reused for the whole
-pass, plus the batch being yielded (a fresh tensor each time, so callers may keep it). Besides
-that the reader holds the int64 labels and, during a pass, one int64 index permutation: 16 bytes
-per sample, against ``prod(sample_shape) * itemsize`` per sample for the features.
+Memory while reading is O(batch): the batch being yielded (a fresh tensor each time, so callers
+may keep it), read straight into its place (``preadv`` scatters each run of consecutive rows
+into the batch's rows): no read buffer beside it, which would double what a training step's
+input costs. Besides that the reader holds the int64 labels and, during a pass, one int64 index
+permutation: 16 bytes per sample, against ``prod(sample_shape) * itemsize`` per sample for the
+features.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ from edgetrain.cache.manifest import (
 _VERIFY_CHUNK_BYTES = 4 * 1024 * 1024
 
 
+_IOV_MAX = 1024
+"""Most buffers one preadv call takes (Linux's IOV_MAX)."""
+
+
 def _pread_into(fd: int, view: memoryview, offset: int, name: str) -> None:
     """Fill ``view`` with the file's bytes starting at ``offset``, looping over short reads."""
     while len(view):
@@ -53,6 +59,26 @@ def _pread_into(fd: int, view: memoryview, offset: int, name: str) -> None:
             raise CacheCorruptError(f"{name} ends early: no data at byte {offset}")
         view = view[n:]
         offset += n
+
+
+def _pread_scatter(fd: int, views: list[memoryview], offset: int, name: str) -> None:
+    """Fill ``views`` in turn with the file's consecutive bytes from ``offset`` (one
+    ``preadv`` where the OS has it, looping over short reads)."""
+    if not hasattr(os, "preadv"):
+        for view in views:
+            _pread_into(fd, view, offset, name)
+            offset += len(view)
+        return
+    while views:
+        n = os.preadv(fd, views[:_IOV_MAX], offset)
+        if n == 0:
+            raise CacheCorruptError(f"{name} ends early: no data at byte {offset}")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        if n:
+            views = [views[0][n:], *views[1:]]
 
 
 def _checksum(fd: int, offset: int, nbytes: int, name: str) -> str:
@@ -224,23 +250,25 @@ class FeatureCache:
         self, order: torch.Tensor, batch_size: int, drop_last: bool
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(order)
-        # The pass's one read buffer, reused by every batch: O(batch), allocated once.
-        buffer = np.empty((min(batch_size, n), *self.sample_shape), dtype=self._storage)
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
             indices = order[start : start + batch_size]
-            yield self._read_rows(indices.numpy(), buffer), self.labels[indices]
+            yield self._read_rows(indices.numpy()), self.labels[indices]
 
-    def _read_rows(self, indices: np.ndarray, buffer: np.ndarray) -> torch.Tensor:
+    def _read_rows(self, indices: np.ndarray) -> torch.Tensor:
+        """The rows ``indices``, in that order, as one fresh array: the only buffer of the
+        batch (what the training step holds as its input; no read buffer beside it)."""
         if self._fd is None:
             raise ValueError(f"{self._features_path} was closed during a pass")
+        count = len(indices)
+        rows = np.empty((count, *self.sample_shape), dtype=self._storage)
+        flat = memoryview(rows.reshape(-1).view(np.uint8))
         # Read the batch's rows in file order: sorted offsets walk the file forwards (kernel
-        # readahead and disks like that) and let neighbouring rows merge into one pread. Then
-        # put the rows back in the batch's own order so shuffling is not undone.
+        # readahead and disks like that) and neighbouring rows merge into one read, which
+        # scatters them (preadv) straight into their places in the batch, so shuffling is not
+        # undone and nothing is copied twice.
         sort = np.argsort(indices, kind="stable")
         sorted_indices = indices[sort]
-        count = len(indices)
-        raw = memoryview(buffer[:count].reshape(-1).view(np.uint8))
         # Runs of consecutive row numbers: each run is one contiguous read.
         breaks = np.flatnonzero(np.diff(sorted_indices) != 1) + 1
         starts = [0, *breaks.tolist()]
@@ -248,12 +276,8 @@ class FeatureCache:
         rb = self._row_bytes
         for first, end in zip(starts, ends, strict=True):
             offset = self._data_offset + int(sorted_indices[first]) * rb
-            _pread_into(self._fd, raw[first * rb : end * rb], offset, str(self._features_path))
-
-        # Un-sort into a fresh array (the yielded batch): buffer row k holds sample
-        # indices[sort[k]], which belongs at batch row sort[k].
-        rows = np.empty_like(buffer[:count])
-        rows[sort] = buffer[:count]
+            targets = [flat[int(row) * rb : (int(row) + 1) * rb] for row in sort[first:end]]
+            _pread_scatter(self._fd, targets, offset, str(self._features_path))
         if self.manifest.dtype == "bfloat16":
             return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(rows)

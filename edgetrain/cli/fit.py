@@ -39,8 +39,22 @@ def parse_names(text: str) -> tuple[str, ...]:
     return tuple(name.strip().replace("-", "_") for name in text.split(",") if name.strip())
 
 
+def parse_modules(text: str) -> int | None:
+    """``--modules``: K, or None for auto.
+
+    >>> parse_modules("8"), parse_modules("auto")
+    (8, None)
+    """
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UserInputError(f"--modules {text!r} must be a whole number (K) or auto.") from None
+
+
 FLAGS = {
-    "modules": Flag(names=("-K",)),
+    "modules": Flag(names=("-K",), parse=parse_modules),
     "widths": Flag(parse=parse_widths, show=lambda v: ",".join(map(str, v))),
     "allow_changes": Flag(parse=parse_names, show=lambda v: ",".join(v)),
     "memory_budget": Flag(parse=MemorySize.parse),
@@ -86,7 +100,7 @@ def fit(
         if problems:
             raise UserInputError(problems)
         report = run_fit(config, progress=progress,
-                         on_plan=lambda plan: print_plan(plan, console))
+                         on_plan=lambda plan, layout: print_plan(plan, layout, console))
     except BudgetError as e:
         _fail(str(e), code=5)
     except UserInputError as e:

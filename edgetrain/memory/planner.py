@@ -8,15 +8,21 @@ that does not grow with the batch: the framework, the dataset, weights, gradient
 state; ``per_sample`` the activations kept for backward. Then, against ``usable = budget * (1 -
 SAFETY_MARGIN)``:
 
-1. the requested batch size if ``peak(B)`` fits;
+1. the requested batch size if ``peak(B)`` fits; with ``--batch-growth N`` (sequential mode)
+   the largest ``B * 2^j <= N * B`` that fits instead, the module's learning rate scaled by the
+   same factor (the linear scaling rule, Goyal et al. 2017): a module whose activations are
+   small trains at a larger batch, in fewer steps;
 2. else the largest micro-batch that fits, with gradient accumulation up to the requested batch
    (same effective batch and learning rate; BatchNorm then normalises over micro-batches, so
    results differ slightly), as long as the micro-batch is at least ``MIN_MICRO_BATCH``;
-3. else the same with activation checkpointing inside the module (re-probed);
+3. else the same with per-block activation checkpointing inside the module (re-probed): for
+   module-wise training this is module-wise plus recompute, the smallest configuration
+   edgetrain has;
 4. else stop before training with an error naming the phase, its minimum need and the budget.
 
-Splitting a module into finer modules is not tried automatically; the error suggests a larger
-``--modules`` instead.
+How many modules, where they are cut and which head each gets is planned before this, from
+counted costs and these probes (edgetrain/memory/layout.py: ``--split memory``, ``--head
+auto``, ``--modules auto``).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class PhasePlan:
 
     phase: str
     batch_size: int
+    """The phase's batch: the requested one, or (``--batch-growth``) a larger one."""
     micro_batch: int
     accumulation: int
     checkpointing: bool
@@ -77,10 +84,11 @@ class MemoryPlan:
         return {**asdict(self), "phases": [asdict(p) for p in self.phases]}
 
     @classmethod
-    def read(cls, path, phases: int, batch_size: int) -> MemoryPlan:
+    def read(cls, path, phases: int, batch_size: int, growth: int = 1) -> MemoryPlan:
         """The plan in ``path`` (plan.json), checked: ``phases`` phases planned for
-        ``batch_size``. A resumed run trains as planned, not as a new probe would plan on a
-        machine whose memory has changed since. RecordError names the file and field."""
+        ``batch_size`` (each phase's own batch ``batch_size * 2^j``, at most ``growth`` times
+        it). A resumed run trains as planned, not as a new probe would plan on a machine whose
+        memory has changed since. RecordError names the file and field."""
         from edgetrain.records import Fields, RecordError, read_json_object
 
         f = Fields(read_json_object(path), path)
@@ -91,16 +99,19 @@ class MemoryPlan:
         plans = []
         for i, row in enumerate(rows):
             p = Fields(row, path, f", phase {i}")
-            micro = p.int("micro_batch", low=1, high=batch_size)
-            accumulation = p.int("accumulation", low=1, high=batch_size)
-            if p.int("batch_size") != batch_size or math.ceil(batch_size / micro) != accumulation:
+            own = p.int("batch_size", low=1, high=batch_size * growth)
+            micro = p.int("micro_batch", low=1, high=own)
+            accumulation = p.int("accumulation", low=1, high=own)
+            if own % batch_size or (own // batch_size) & (own // batch_size - 1) or \
+                    math.ceil(own / micro) != accumulation:
                 raise RecordError(f"{path}, phase {i}: batch_size, micro_batch and accumulation "
-                                  f"do not fit --batch-size {batch_size}.")
+                                  f"do not fit --batch-size {batch_size} (--batch-growth "
+                                  f"{growth}).")
             probes = [tuple(x) for x in p.list("probes")]
             if not all(len(x) == 2 and all(isinstance(v, int) for v in x) for x in probes):
                 raise RecordError(f"{path}, phase {i}: field 'probes' must be [batch, bytes] "
                                   "pairs.")
-            plans.append(PhasePlan(p.str("phase"), batch_size, micro, accumulation,
+            plans.append(PhasePlan(p.str("phase"), own, micro, accumulation,
                                    p.bool("checkpointing"), p.int("fixed_bytes"),
                                    p.float("per_sample_bytes", low=0),
                                    p.int("predicted_peak_bytes", low=0), probes))
@@ -112,6 +123,9 @@ class MemoryPlan:
 Prober = Callable[[int, bool], None]
 """``prober(batch_size, checkpointing)`` builds the phase, runs PROBE_STEPS training steps at
 that batch size and frees everything it built."""
+
+Line = tuple[int, float, list[tuple[int, int]]]
+"""``(fixed bytes, bytes per sample, probes)`` of one phase, as :func:`fit_line` measured it."""
 
 
 def measure(prober: Prober, batch_size: int, checkpointing: bool, meter: MemoryMeter) -> int:
@@ -137,18 +151,26 @@ def fit_line(prober: Prober, batch_size: int, checkpointing: bool, meter: Memory
 
 
 def plan_phase(phase: str, prober: Prober, batch_size: int, usable: int, meter: MemoryMeter,
-               checkpointing: bool = False) -> PhasePlan | int:
+               checkpointing: bool = False, line: Line | None = None, growth: int = 1,
+               max_batch: int | None = None) -> PhasePlan | int:
     """A plan for one phase, or, if nothing fits, the least it needs (at the smallest
-    micro-batch the planner allows)."""
-    fixed, per_sample, probes = fit_line(prober, batch_size, checkpointing, meter)
+    micro-batch the planner allows). ``line``: the phase's measured line, if probed already.
+    ``growth``: how many times the requested batch the phase may grow to (powers of 2, at most
+    ``max_batch``) when it fits whole."""
+    fixed, per_sample, probes = line or fit_line(prober, batch_size, checkpointing, meter)
 
     def predict(b: int) -> int:
         return int(fixed + per_sample * b)
 
     smallest = min(batch_size, MIN_MICRO_BATCH)
     if predict(batch_size) <= usable:
-        micro = batch_size
-    elif per_sample > 0 and predict(smallest) <= usable:
+        own = batch_size
+        while (own * 2 <= batch_size * growth and own * 2 <= (max_batch or own * 2)
+               and predict(own * 2) <= usable):
+            own *= 2
+        return PhasePlan(phase, own, own, 1, checkpointing, fixed, per_sample, predict(own),
+                         probes)
+    if per_sample > 0 and predict(smallest) <= usable:
         micro = min(batch_size, int((usable - fixed) // per_sample))
     else:
         return predict(smallest)
@@ -158,32 +180,49 @@ def plan_phase(phase: str, prober: Prober, batch_size: int, usable: int, meter: 
                      predict(micro), probes)
 
 
-def make_plan(phases: list[tuple[str, Prober]], batch_size: int, budget: int,
+def usable_bytes(budget: int, margin: float = SAFETY_MARGIN) -> int:
+    return int(budget * (1 - margin))
+
+
+def make_plan(phases: list[tuple], batch_size: int, budget: int,
               meter: MemoryMeter, margin: float = SAFETY_MARGIN, framework_bytes: int = 0,
-              budget_text: str | None = None) -> MemoryPlan:
+              budget_text: str | None = None, lines: dict | None = None, growth: int = 1,
+              max_batch: int | None = None) -> MemoryPlan:
     """Plan every phase; raise BudgetError naming each phase that cannot fit.
+
+    ``phases``: ``(name, prober)`` or ``(name, prober, key)``; ``lines`` maps a key to the
+    line its phase was already probed for (``--modules auto`` probes candidate modules first),
+    and takes the lines probed here. ``growth``/``max_batch``: see :func:`plan_phase`.
 
     All phases are first tried without checkpointing; only those that do not fit are re-probed
     with it (its first use loads more of torch, which would inflate every later probe).
     """
     start = time.perf_counter()
-    usable = int(budget * (1 - margin))
+    usable = usable_bytes(budget, margin)
+    lines = {} if lines is None else lines
     results: dict[str, PhasePlan | int] = {}
     for checkpointing in (False, True):
-        for name, prober in phases:
+        for name, prober, *key in phases:
             if isinstance(results.get(name), PhasePlan):
                 continue
-            result = plan_phase(name, prober, batch_size, usable, meter, checkpointing)
+            line = lines.get((*key, checkpointing)) if key else None
+            if line is None:
+                line = fit_line(prober, batch_size, checkpointing, meter)
+                if key:
+                    lines[(*key, checkpointing)] = line
+            result = plan_phase(name, prober, batch_size, usable, meter, checkpointing, line,
+                                growth, max_batch)
             results[name] = result if isinstance(result, PhasePlan) else min(
                 result, results.get(name, result))
     failures = [(name, r) for name, r in results.items() if not isinstance(r, PhasePlan)]
     if failures:
         flag = f"--memory-budget {budget_text or budget}"
-        lines = [f"{name} needs at least {format_bytes(need)} (micro-batch "
+        needs = [f"{name} needs at least {format_bytes(need)} (micro-batch "
                  f"{min(batch_size, MIN_MICRO_BATCH)})"
                  for name, need in failures]
-        hint = ("Raise --memory-budget, or use a larger --modules (smaller modules), a smaller "
-                "--model or --widths.")
+        hint = ("Raise --memory-budget, or use a larger --modules (smaller modules; --modules "
+                "auto finds the smallest K that fits), --head light, a smaller --model or "
+                "--widths.")
         if framework_bytes * (1 + margin) > usable:
             hint = (f"The framework alone (Python and torch, before any data or model) already "
                     f"takes {format_bytes(framework_bytes)} here, so no run fits this budget on "
@@ -191,10 +230,10 @@ def make_plan(phases: list[tuple[str, Prober]], batch_size: int, budget: int,
                     f"{format_bytes(framework_bytes / (1 - margin) * 1.2)}.")
         raise BudgetError(
             f"{flag} ({format_bytes(budget)}) is too small: after the {margin:.0%} safety "
-            f"margin {format_bytes(usable)} is usable, but " + "; ".join(lines)
+            f"margin {format_bytes(usable)} is usable, but " + "; ".join(needs)
             + f" (measured with: {meter.description}). {hint}"
         )
-    plans = [results[name] for name, _ in phases]
+    plans = [results[name] for name, *_ in phases]
     return MemoryPlan(budget, usable, margin, meter.description, plans,
                       round(time.perf_counter() - start, 3))
 

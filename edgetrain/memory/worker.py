@@ -10,29 +10,29 @@ Phases, each measured apart:
 2. data: the training set loaded (uint8 tensors in memory).
 3. training: ``steps`` real training steps of the variant; the meter is reset before each
    module (sequential) or before the whole variant.
+4. analysis, after every measured phase (what it builds and imports must not land in a
+   measured peak): each phase's counted floor (edgetrain/memory/costs.py) and its
+   tensor-level peak, the largest total of live tensors in one step (torch's profiler records
+   every allocation and free), which the breakdown sets between the floor and the measured
+   peak.
 
-``training-only`` = peak of (3) minus resident memory after (2). The analytic floor is computed
-afterwards, outside the measured phase.
+``training-only`` = peak of (3) minus resident memory after (2).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from edgetrain.memory import allocator
-from edgetrain.memory.breakdown import (
-    count_saved_activations,
-    greedy_step_cost,
-    network_step_cost,
-    parameter_bytes,
-    trainable_bytes,
-)
+from edgetrain.memory.breakdown import parameter_bytes, trainable_bytes
 from edgetrain.memory.meter import MemoryMeter, current_rss_bytes, release_free_memory
 from edgetrain.training.sgd import SGD
 
@@ -44,11 +44,37 @@ def warm_up() -> None:
     opt.step()
 
 
+def tensor_peak_bytes(step) -> int:
+    """The largest total of tensor bytes allocated and not yet freed during ``step()``, from
+    torch's profiler (every CPU or CUDA allocation and free it records), counted from the
+    start of the step: what the step adds to the tensors alive before it."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True) as prof:
+        step()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.typed[0] == _EventType.Allocation:
+            events.append((event.start_time_ns, event.typed[1].alloc_size))
+    live = top = 0
+    for _, size in sorted(events):
+        live += size
+        top = max(top, live)
+    return top
+
+
 def main(spec: dict) -> dict:
     device = torch.device(spec.get("device", "cpu"))
+    method, mode = spec["method"], spec["mode"]
+    checkpointing = method == "e2e-ckpt" or spec.get("checkpointing", False)
     # The policy `edgetrain fit` runs under for this method and mode.
-    alloc = allocator.apply(device.type, None if spec["method"].startswith("e2e") else
-                            spec["mode"], spec["method"] == "e2e-ckpt")
+    alloc = allocator.apply(device.type, None if method.startswith("e2e") else mode,
+                            checkpointing)
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -58,6 +84,8 @@ def main(spec: dict) -> dict:
     framework = current_rss_bytes()
 
     from edgetrain.data import augment_batch, iterate_batches, load_dataset, normalize
+    from edgetrain.memory.costs import NetworkCosts
+    from edgetrain.memory.layout import choose_split
     from edgetrain.models.families import network_spec
     from edgetrain.models.network import (
         build_head,
@@ -66,7 +94,6 @@ def main(spec: dict) -> dict:
         set_checkpointing,
         set_transport_form,
     )
-    from edgetrain.models.split import split_network
     from edgetrain.training.steps import greedy_step
     from edgetrain.training.transport import tau_schedule
 
@@ -82,19 +109,32 @@ def main(spec: dict) -> dict:
     with_data = current_rss_bytes()
     net_spec = network_spec(spec["model"], info.in_channels, info.image_size,
                             tuple(spec["widths"]))
-    plans = split_network(net_spec, spec["modules"], info.image_size, spec["split"])
-    b, steps, method = spec["batch_size"], spec["steps"], spec["method"]
+    b, steps = spec["batch_size"], spec["steps"]
+    greedy = not method.startswith("e2e")
+    costs = NetworkCosts.count(net_spec, info.image_size, info.num_classes,
+                               need_transport=method == "trgl")
+    # The split `edgetrain fit` would train (the layout planner's), counted for this variant:
+    # with checkpointing, blocks cost their input, so the best cuts move.
+    head_choice = spec.get("head", "dgl")
+    if not greedy and head_choice == "auto":
+        head_choice = "dgl"  # as fit does: end to end, the last head is the classifier
+    layout = choose_split(net_spec, costs, spec["modules"] if greedy else 1, info.image_size,
+                          spec.get("split", "memory"), head_choice, b, checkpointing)
+    plans = layout.plans(net_spec, info.image_size)
     taus = (tau_schedule(spec["tau"], len(plans)) if method == "trgl"
             else [float("inf")] * len(plans))
     form = spec.get("transport_form", "bn")
     generator = torch.Generator().manual_seed(0)
+    release_free_memory(device)  # what counting the costs allocated
 
     def real_batches():
         while True:
             for images, labels in iterate_batches(data.train, b, True, generator, True):
                 images = augment_batch(images.to(device), info.crop_padding, info.hflip,
                                        generator)
-                yield normalize(images, info), labels.to(device)
+                x = normalize(images, info)
+                del images
+                yield x, labels.to(device)
 
     batches = real_batches()
     step_times: list[float] = []
@@ -109,109 +149,167 @@ def main(spec: dict) -> dict:
                 torch.cuda.synchronize(device)
             step_times.append(time.perf_counter() - start)
 
+    def build(plan, k):
+        torch.manual_seed(k)
+        module = build_module(net_spec, plan).to(device)
+        set_transport_form(module, form)
+        set_checkpointing(module, checkpointing)
+        head = build_head(plan, info.num_classes).to(device)
+        return module, head, SGD([*module.parameters(), *head.parameters()], 0.01, 0.9, 5e-4)
+
+    def module_input(k, plan):
+        if k == 0:
+            return next(batches)
+        # A batch as the cache reader hands it over: float32 features.
+        return (torch.randn(b, plan.in_channels, plan.in_size, plan.in_size, device=device),
+                torch.randint(0, info.num_classes, (b,), device=device))
+
+    # --- 3. the measured phases ---------------------------------------------------------------
     peaks: list[int] = []
-    floor: dict
-    if method in ("e2e", "e2e-ckpt"):
+    starts: list[int] = []  # resident memory when each phase's meter was reset
+    if not greedy:
         meter.reset()
+        starts.append(current_rss_bytes())
         network = build_network(net_spec, plans, info.num_classes).to(device)
-        set_checkpointing(network, method == "e2e-ckpt")
+        set_checkpointing(network, checkpointing)
         opt = SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
-        def step() -> None:
+        def e2e_step() -> None:
             x, y = next(batches)
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(network(x), y).backward()
             opt.step()
 
-        timed(step)
+        timed(e2e_step)
         peaks.append(meter.read().peak_bytes)
-        x, y = next(batches)
-        cost = network_step_cost(network, x, y)
-        floor = {"parts": cost.as_dict(), "bytes": cost.total_bytes}
-    elif spec["mode"] == "parallel":
+        del network, opt
+    elif mode == "parallel":
         meter.reset()
-        parts = []
-        for plan in plans:
-            module = build_module(net_spec, plan).to(device)
-            set_transport_form(module, form)
-            head = build_head(plan, info.num_classes).to(device)
-            parts.append((module, head, SGD([*module.parameters(), *head.parameters()], 0.01,
-                                            0.9, 5e-4)))
+        starts.append(current_rss_bytes())
+        parts = [build(plan, k) for k, plan in enumerate(plans)]
 
-        def step() -> None:
+        def parallel_step() -> None:
             x, y = next(batches)
             for k, (module, head, opt) in enumerate(parts):
                 x, _ = greedy_step(module, head, x, y, taus[k], 0.0, opt)
 
-        timed(step)
+        timed(parallel_step)
         peaks.append(meter.read().peak_bytes)
-        # Floor: every module's weights, grads and momentum, plus the largest single module's
-        # activations and input (module k's backward frees them before k+1 runs).
-        x, y = next(batches)
-        costs = []
-        for k, (module, head, _) in enumerate(parts):
-            cost = greedy_step_cost(module, head, x, y, taus[k])
-            costs.append(cost)
-            x = module(x, need_transport=False)[0].detach()
-        state = sum(c.weights_bytes + c.grads_bytes + c.optimizer_bytes for c in costs)
-        largest = max(c.saved_activation_bytes + c.input_bytes for c in costs)
-        floor = {"parts": {"weights_grads_optimizer_bytes": state,
-                           "largest_module_activations_and_input_bytes": largest},
-                 "bytes": state + largest}
+        del parts
     else:
-        costs = []
         for k, plan in enumerate(plans):
             release_free_memory(device)
             meter.reset()
-            module = build_module(net_spec, plan).to(device)
-            set_transport_form(module, form)
-            head = build_head(plan, info.num_classes).to(device)
-            opt = SGD([*module.parameters(), *head.parameters()], 0.01, 0.9, 5e-4)
-            shape = (b, plan.in_channels, plan.in_size, plan.in_size)
+            starts.append(current_rss_bytes())
+            module, head, opt = build(plan, k)
 
-            def step(k=k, module=module, head=head, opt=opt, shape=shape) -> None:
-                if k == 0:
-                    x, y = next(batches)
-                else:  # a batch as the cache reader hands it over: float32 features
-                    x = torch.randn(shape, device=device)
-                    y = torch.randint(0, info.num_classes, (b,), device=device)
-                greedy_step(module, head, x, y, taus[k], 0.0, opt)
+            def module_step(k=k, plan=plan, module=module, head=head, opt=opt) -> None:
+                x, y = module_input(k, plan)
+                greedy_step(module, head, x, y, taus[k], 0.0, opt, keep_output=False)
 
-            timed(step)
+            timed(module_step)
             peaks.append(meter.read().peak_bytes)
             module_step_times.append(statistics.median(step_times[1:] or step_times))
-            x = next(batches)[0] if k == 0 else torch.randn(shape, device=device)
-            y = torch.randint(0, info.num_classes, (b,), device=device)
-            costs.append(greedy_step_cost(module, head, x, y, taus[k]).as_dict())
-            with torch.no_grad():
-                features = module(x, need_transport=False)[0]
-            head_saved = count_saved_activations(lambda head=head, f=features: head(f),
-                                                 list(head.parameters()))[1]
-            costs[-1]["head_bytes"] = (parameter_bytes(head) + 2 * trainable_bytes(head)
-                                       + head_saved)
             # Everything of module k goes before module k+1's phase is reset and measured, as
-            # in `edgetrain fit`: the step closure and the batches hold it too.
-            del module, head, opt, step, x, y, features
-        largest = max(range(len(costs)), key=lambda i: costs[i]["total_bytes"])
-        floor = {"parts": costs[largest], "bytes": costs[largest]["total_bytes"],
-                 "largest_module": largest, "per_module": costs}
+            # in `edgetrain fit`: the step closure holds it too.
+            del module, head, opt, module_step
+    gc.collect()
+    release_free_memory(device)
+
+    # --- 4. analysis: counted floors and tensor-level peaks, after every measured phase ------
+    counts = ([layout_count(costs, plans, b, checkpointing)] if not greedy else
+              [costs.module_count(p.start, p.stop, p.head, b, checkpointing) for p in plans])
+    tensor_peaks: list[int] = []
+    if not greedy:
+        network = build_network(net_spec, plans, info.num_classes).to(device)
+        set_checkpointing(network, checkpointing)
+        opt = SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+        def e2e_step() -> None:
+            x, y = next(batches)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(network(x), y).backward()
+            opt.step()
+
+        e2e_step()  # momentum buffers exist from here on, as in the measured steps
+        alive = parameter_bytes(network) + trainable_bytes(network)
+        tensor_peaks.append(alive + tensor_peak_bytes(e2e_step))
+        del network, opt
+    else:
+        built = [build(plan, k) for k, plan in enumerate(plans)]
+        alive = sum(parameter_bytes(m, h) + trainable_bytes(m, h) for m, h, _ in built)
+        for k, (plan, (module, head, opt)) in enumerate(zip(plans, built)):
+
+            def analysed_step(k=k, plan=plan, module=module, head=head, opt=opt) -> None:
+                x, y = module_input(k, plan)
+                greedy_step(module, head, x, y, taus[k], 0.0, opt, keep_output=False)
+
+            analysed_step()
+            mine = parameter_bytes(module, head) + trainable_bytes(module, head)
+            # Parallel mode: every module's weights and momentum are alive in every step.
+            tensor_peaks.append((alive if mode == "parallel" else mine)
+                                + tensor_peak_bytes(analysed_step))
+        del built
+
+    if mode == "parallel" and greedy:
+        # One phase: every module's state, plus the largest single module's activations and
+        # input (module k's backward frees them before k+1 runs).
+        largest = max(range(len(counts)), key=lambda i: counts[i].floor_bytes
+                      - counts[i].state_bytes)
+        counts = [replace(counts[largest], state_bytes=sum(c.state_bytes for c in counts))]
+        tensor_peaks = [max(tensor_peaks)]
     peak = max(peaks)
+    peak_phase = max(range(len(peaks)), key=peaks.__getitem__)
+    cuda = meter.backend == "cuda"
+    phases = [{
+        "peak_bytes": phase_peak,
+        "training_only_bytes": phase_peak if cuda else max(0, phase_peak - with_data),
+        "resident_before_bytes": 0 if cuda else max(0, start - with_data),
+        "tensor_peak_bytes": tensors,
+        "count": count.as_dict(),
+    } for phase_peak, start, tensors, count in zip(peaks, starts, tensor_peaks, counts)]
+    top = phases[peak_phase]
+    breakdown = {
+        # What the peak phase held, from the floor up: the counted floor's parts, then what
+        # backward allocated on top (tensor peak - floor), then what the process held beyond
+        # live tensors (allocator, kernels' scratch: measured - resident before - tensor peak),
+        # and what was resident above framework + data when the phase's meter was reset (the
+        # cost count and the layout for the first phase; earlier phases for later ones).
+        **{k: v for k, v in top["count"].items() if k not in ("total_bytes", "floor_bytes",
+                                                               "gradient_pair_bytes")},
+        "backward_and_temporaries_bytes": top["tensor_peak_bytes"] - top["count"]["floor_bytes"],
+        "allocator_and_other_bytes": (top["training_only_bytes"] - top["resident_before_bytes"]
+                                      - top["tensor_peak_bytes"]),
+        "resident_before_phase_bytes": top["resident_before_bytes"],
+    }
     return {
-        "variant": spec["variant"], "method": method, "mode": spec["mode"],
-        "modules": spec["modules"], "batch_size": b, "model": spec["model"],
+        "variant": spec["variant"], "method": method, "mode": mode,
+        "checkpointing": checkpointing,
+        "modules": len(plans) if greedy else None, "batch_size": b, "model": spec["model"],
+        "split": layout.strategy, "module_sizes": list(layout.sizes),
+        "heads": list(layout.heads), "layout_reason": layout.reason,
         "transport_form": form if method == "trgl" else None,
         "dataset": spec["dataset"], "peak_bytes": peak,
-        "training_only_bytes": max(0, peak - with_data) if meter.backend != "cuda" else peak,
+        "training_only_bytes": peak if cuda else max(0, peak - with_data),
         "framework_bytes": framework, "data_bytes": with_data - framework,
-        "module_peaks_bytes": peaks,
+        "module_peaks_bytes": peaks, "phases": phases, "peak_phase": peak_phase,
         # The first step pays one-off costs (kernel selection, first allocations): leave it out.
         # Sequential: the sum over modules of one step each, i.e. one batch through all of them.
         "step_time_s": (sum(module_step_times) if module_step_times
                         else statistics.median(step_times[1:] or step_times)),
-        "floor_bytes": floor["bytes"], "floor": floor, "meter": meter.description,
-        "allocator": alloc.as_dict(),
-        "device": str(device), "torch": torch.__version__,
+        # The largest phase's counted floor (sequential: the largest module's, wherever the
+        # measured peak fell), tensor-level peak and counted peak (floor + gradient pair).
+        "floor_bytes": max(c.floor_bytes for c in counts),
+        "tensor_peak_bytes": max(tensor_peaks),
+        "counted_peak_bytes": max(c.total_bytes for c in counts),
+        "breakdown": breakdown, "meter": meter.description,
+        "allocator": alloc.as_dict(), "device": str(device), "torch": torch.__version__,
     }
+
+
+def layout_count(costs, plans, batch: int, checkpointing: bool):
+    """The whole network as one module with the last head: end-to-end training's count."""
+    return costs.module_count(0, plans[-1].stop, plans[-1].head, batch, checkpointing)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """What can be built, by name, without importing torch: model names, their families and block
-counts, and the choices of shortcut, initialisation and split.
+counts, and the choices of shortcut, initialisation, split and auxiliary head.
 
 `FitConfig.validate` checks a run against this catalogue before any data is read or any
 framework is loaded, so a mistyped --model or an impossible --modules costs an instant (and the
@@ -26,7 +26,11 @@ MAX_WIDTH = 4096
 MAX_STAGES = 8
 SHORTCUTS = ("conv", "zero-pad")
 INITS = ("default", "orthogonal")
-SPLIT_STRATEGIES = ("even", "balanced")
+SPLIT_STRATEGIES = ("even", "balanced", "memory")
+HEADS = ("dgl", "light")
+"""Auxiliary head kinds (edgetrain/models/heads.py)."""
+HEAD_CHOICES = (*HEADS, "auto")
+"""What --head accepts: a kind for every module, or auto (edgetrain/memory/layout.py)."""
 
 
 def family(model: str) -> str:

@@ -55,7 +55,7 @@ class VGGSpec:
 
     name: str
     in_channels: int
-    head = "conv"
+    head = "dgl"
 
     @functools.cached_property
     def layers(self):
@@ -142,7 +142,7 @@ class TorchvisionSpec:
 
     name: str
     in_channels: int
-    head = "conv"
+    head = "dgl"
 
     def _meta_parts(self) -> tuple[nn.Module, list[nn.Module]]:
         from edgetrain.models.torchvision_blocks import torchvision_blocks
@@ -204,7 +204,7 @@ class CustomSpec:
     """
 
     name = "custom"
-    head = "conv"
+    head = "dgl"
 
     def __init__(self, blocks: list, in_channels: int, image_size: int):
         self.items = check_blocks(blocks)

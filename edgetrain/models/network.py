@@ -7,7 +7,7 @@ from torch import nn
 
 from edgetrain.models.chain import BlockChain
 from edgetrain.models.energy import check_transport_form
-from edgetrain.models.heads import AuxHead
+from edgetrain.models.heads import make_head
 from edgetrain.models.resnet import ResNetSpec, init_weights
 from edgetrain.models.split import ModulePlan
 
@@ -21,13 +21,14 @@ def build_module(spec: ResNetSpec, plan: ModulePlan, init: str = "default",
 
 def build_head(plan: ModulePlan, num_classes: int, init: str = "default",
                gain: float = 0.1) -> nn.Module:
-    """The module's auxiliary head: the DGL conv head, or a transformer's token head."""
+    """The auxiliary head the plan gives module ``plan.index`` (``plan.head``: dgl or light, or
+    a transformer's token head)."""
     if plan.head == "token":
         from edgetrain.models.vit import TokenHead
 
         head: nn.Module = TokenHead(plan.out_channels, num_classes)
     else:
-        head = AuxHead(plan.out_channels, num_classes)
+        head = make_head(plan.head, plan.out_channels, num_classes, plan.out_size)
     init_weights(head, init, gain)
     return head
 

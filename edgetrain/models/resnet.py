@@ -46,7 +46,7 @@ class ResNetSpec:
     """Downsampling shortcut: ``conv`` (1x1 conv + BN, option B of He et al.) or ``zero-pad``
     (subsample, then zero channels: option A, parameter-free, the authors' choice)."""
 
-    head = "conv"
+    head = "dgl"
     """The auxiliary head every module gets (edgetrain/models/heads.py)."""
 
     @property

@@ -280,7 +280,7 @@ def _build_artifacts(ort, folder: Path, k: int, module: nn.Module, head: nn.Modu
 
     from edgetrain.training.scheduler import tau_for
 
-    tau = tau_for(config)[k]
+    tau = tau_for(config, len(info.modules))[k]
     input_shape = (plan.in_channels, plan.in_size, plan.in_size)
     paths = build_training_artifacts(module, head, input_shape, tau, config.label_smoothing,
                                      config.weight_decay, folder)

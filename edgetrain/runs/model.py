@@ -17,7 +17,7 @@ import torch
 
 from edgetrain.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, FitConfig
 from edgetrain.errors import UserInputError
-from edgetrain.models.catalog import CUSTOM, MAX_WIDTH, MODELS, SHORTCUTS
+from edgetrain.models.catalog import CUSTOM, HEADS, MAX_WIDTH, MODELS, SHORTCUTS
 from edgetrain.models.chain import BlockChain
 from edgetrain.models.families import CustomSpec, network_spec
 from edgetrain.models.network import (
@@ -51,6 +51,9 @@ class ModelInfo:
     dataset: str
     modules: tuple[tuple[int, int], ...]
     shortcut: str = "conv"
+    heads: tuple[str, ...] = ()
+    """Each module's auxiliary head (dgl, light, or token for a transformer); runs before heads
+    were recorded: all dgl."""
 
     @classmethod
     def read(cls, path: Path) -> ModelInfo:
@@ -79,9 +82,14 @@ class ModelInfo:
         if blocks is not None and expected_start != blocks:
             raise RecordError(f"{path}: field 'modules' must cover the {blocks} blocks "
                               f"of {model} (found {list(modules)!r:.80}).")
+        heads = tuple(f.list("heads", optional=True) or ["dgl"] * len(modules))
+        if len(heads) != len(modules) or any(h not in (*HEADS, "token") for h in heads):
+            raise RecordError(f"{path}: field 'heads' must name one head ({', '.join(HEADS)}, "
+                              "token) "
+                              f"per module (found {list(heads)!r:.80}).")
         return cls(model=model, widths=widths, in_channels=in_channels,
                    num_classes=num_classes, image_size=image_size, mean=mean, std=std,
-                   dataset=f.str("dataset"), modules=modules, shortcut=shortcut)
+                   dataset=f.str("dataset"), modules=modules, shortcut=shortcut, heads=heads)
 
     def spec(self, blocks: list | None = None) -> ResNetSpec:
         """The network's spec, any family (edgetrain/models/families.py); a network given from
@@ -103,7 +111,7 @@ class ModelInfo:
     def plans(self, blocks: list | None = None) -> list[ModulePlan]:
         """The recorded split (whatever --split made it), not a recomputed one."""
         return plan_modules(self.spec(blocks), [b - a for a, b in self.modules],
-                            self.image_size)
+                            self.image_size, list(self.heads) or None)
 
 
 def open_run(run_dir: Path, need: tuple[str, ...] = ()) -> tuple[RunDir, ModelInfo, FitConfig]:

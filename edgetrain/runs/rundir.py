@@ -7,7 +7,7 @@
     DIR/modules/module_K.safetensors   module K and its auxiliary head ("module.*", "head.*")
     DIR/model.safetensors      the stitched network (modules + last head)
     DIR/model.json             what is needed to rebuild it (architecture, split, normalisation)
-    DIR/plan.json              the memory plan (with --memory-budget)
+    DIR/plan.json              the layout (split, heads, K); the memory plan (--memory-budget)
     DIR/report.json            results: test_accuracy, per-module accuracies, time, memory
     DIR/checkpoints/*.safetensors   epoch checkpoint of what is training; removed at the end
     DIR/cache/module_K/...     frozen outputs of module K (sequential mode, --cache disk)

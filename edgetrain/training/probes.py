@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from edgetrain.memory.planner import PROBE_STEPS, Prober, random_batch
+from edgetrain.memory.planner import PROBE_STEPS, Prober, fit_line, random_batch
 from edgetrain.models.network import build_head, build_module, build_network, set_checkpointing
+from edgetrain.models.split import ModulePlan
 from edgetrain.training.steps import greedy_step, make_optimizer
+from edgetrain.units import format_bytes
 
 
-def module_prober(ctx, k: int) -> Prober:
-    """Module ``k`` and its head, as sequential mode trains them."""
-    plan = ctx.plans[k]
+def module_prober(ctx, k: int, plan: ModulePlan | None = None, tau: float | None = None
+                  ) -> Prober:
+    """Module ``k`` and its head, as sequential mode trains them (``plan``/``tau``: of a
+    candidate layout rather than the run's)."""
+    plan = plan or ctx.plans[k]
+    tau = ctx.taus[k] if tau is None else tau
     shape = (plan.in_channels, plan.in_size, plan.in_size)
     cfg = ctx.config
 
@@ -27,7 +32,7 @@ def module_prober(ctx, k: int) -> Prober:
                                 cfg.momentum, cfg.weight_decay, PROBE_STEPS)
         for _ in range(PROBE_STEPS):
             x, y = random_batch(shape, batch_size, ctx.num_classes, ctx.device)
-            greedy_step(module, head, x, y, ctx.taus[k], 0.0, opt)
+            greedy_step(module, head, x, y, tau, 0.0, opt, keep_output=False)
         del module, head, opt, x, y
 
     return prober
@@ -77,12 +82,47 @@ def end_to_end_prober(ctx) -> Prober:
     return prober
 
 
-def phases(ctx) -> list[tuple[str, Prober]]:
-    """The phases of this run, in training order, each with its prober."""
+def phases(ctx) -> list[tuple[str, Prober, tuple]]:
+    """The phases of this run, in training order, each with its prober and a key that names
+    what it builds (a module is the same phase whatever K it belongs to)."""
     cfg = ctx.config
     if cfg.method == "e2e":
-        return [("end-to-end network", end_to_end_prober(ctx))]
+        return [("end-to-end network", end_to_end_prober(ctx), ("e2e",))]
     if cfg.mode == "parallel":
-        return [(f"all {len(ctx.plans)} modules (parallel)", parallel_prober(ctx))]
-    return [(f"module {k + 1}", module_prober(ctx, k)) for k in range(len(ctx.plans))]
+        return [(f"all {len(ctx.plans)} modules (parallel)", parallel_prober(ctx),
+                  ("parallel", *((p.start, p.stop, p.head) for p in ctx.plans)))]
+    return [(f"module {k + 1}", module_prober(ctx, k), module_key(p))
+            for k, p in enumerate(ctx.plans)]
+
+
+def module_key(plan: ModulePlan) -> tuple:
+    return ("module", plan.start, plan.stop, plan.head)
+
+
+def layout_verdict(ctx, taus_for, usable: int, lines: dict):
+    """The probe verdict on a candidate layout for ``--modules auto``
+    (edgetrain/memory/layout.py): its modules, largest count first, each probed (once per
+    run: ``lines`` keeps every measured line) until one does not fit at the requested batch
+    without micro-batches."""
+    batch = ctx.config.batch_size
+
+    def verdict(plans: list[ModulePlan], order: list[int]) -> tuple[bool, int, str]:
+        taus = taus_for(len(plans))
+        largest = 0
+        for i in order:
+            key = (*module_key(plans[i]), False)
+            if key not in lines:
+                prober = module_prober(ctx, i, plans[i], taus[i])
+                lines[key] = fit_line(prober, batch, False, ctx.meter)
+            fixed, per_sample, _ = lines[key]
+            need = int(fixed + per_sample * batch)
+            if need > usable:
+                return False, need, (f"module {i + 1} ({plans[i].num_blocks} blocks, "
+                                     f"{plans[i].head} head) needs {format_bytes(need)}, over "
+                                     f"the usable {format_bytes(usable)}")
+            largest = max(largest, need)
+        return True, largest, (f"its largest module needs {format_bytes(largest)}, within the "
+                               f"usable {format_bytes(usable)}")
+
+    return verdict
 

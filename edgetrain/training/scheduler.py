@@ -110,6 +110,18 @@ class Context:
             return None
         return self.memory_plan.phase(phase).micro_batch
 
+    def batch_size(self, phase: int = 0) -> int:
+        """The batch this phase trains at: --batch-size, or the larger one the planner gave
+        the module (--batch-growth)."""
+        if self.memory_plan is None:
+            return self.config.batch_size
+        return self.memory_plan.phase(phase).batch_size
+
+    def lr(self, phase: int = 0) -> float:
+        """--lr, scaled with the phase's batch (linear scaling rule: k times the batch, k times
+        the learning rate)."""
+        return self.config.lr * self.batch_size(phase) / self.config.batch_size
+
     def finished_modules(self) -> dict[tuple[int, int], dict]:
         """``(lap, module)`` steps an earlier run of this folder finished: result logged,
         weights saved and intact (checksum). From the first module that fails the check on,
@@ -209,7 +221,11 @@ def raw_batches(ctx: Context, train: bool, shuffle: bool, augment_seed: int | No
         images = images.to(ctx.device, non_blocking=True)
         if aug is not None:
             images = augment_batch(images, info.crop_padding, info.hflip, aug)
-        yield normalize(images, info), labels.to(ctx.device, non_blocking=True)
+        x = normalize(images, info)
+        # Only the normalised batch lives through the step (this frame would keep the
+        # augmented images alive while suspended).
+        del images
+        yield x, labels.to(ctx.device, non_blocking=True)
 
 
 def cached_batches(ctx: Context, directory, shuffle: bool, order_seed: int = 0,
@@ -219,9 +235,11 @@ def cached_batches(ctx: Context, directory, shuffle: bool, order_seed: int = 0,
     with FeatureCache.open(directory, verify=False) as cache:
         for features, labels in cache.batches(batch_size or ctx.config.batch_size, shuffle,
                                               order):
-            # Features are stored in --cache-dtype; compute runs in float32.
-            yield (features.to(ctx.device, torch.float32, non_blocking=True),
-                   labels.to(ctx.device, non_blocking=True))
+            # Features are stored in --cache-dtype; compute runs in float32. The stored copy
+            # goes before the step (a float16 batch would stay alive in this frame).
+            x = features.to(ctx.device, torch.float32, non_blocking=True)
+            del features
+            yield x, labels.to(ctx.device, non_blocking=True)
 
 
 def through_frozen(frozen: list[nn.Module], batches: Batches) -> Batches:
@@ -239,7 +257,7 @@ def module_inputs(ctx: Context, k: int, train: bool, epoch: int,
     """The input of module ``k``: raw data (k = 0), cache k-1, or raw data through the frozen
     modules (``--cache none``). Training batches are shuffled, test batches are not."""
     cfg = ctx.config
-    batch_size = None if train else ctx.inference_batch_size(k)
+    batch_size = ctx.batch_size(k) if train else ctx.inference_batch_size(k)
     if k > 0 and cfg.cache == "disk":
         split = f"train_v{epoch % cfg.cache_views}" if train else "test"
         return cached_batches(ctx, ctx.run.cache_dir(k - 1, split), shuffle=train,
@@ -425,8 +443,8 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     # Data order and augmentation are seeded by the epoch counted over all laps, so each lap
     # sees new orders (and one lap draws exactly what it always did).
     offset = ctx.lap * epochs
-    steps = epochs * _steps_per_epoch(ctx)
-    opt, sched = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
+    steps = epochs * _steps_per_epoch(ctx, k)
+    opt, sched = make_optimizer([*module.parameters(), *head.parameters()], ctx.lr(k),
                                 cfg.momentum, cfg.weight_decay, steps, cfg.lr_schedule)
     test_acc = None
     multipliers = Multipliers() if cfg.tau_schedule == "multipliers" else None
@@ -437,14 +455,14 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     first = _resume_point(ctx, name, parts, optimizers)
     lap = f", lap {ctx.lap + 1}/{cfg.laps}" if cfg.laps > 1 else ""
     with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)}{lap}", total=steps) as update:
-        update(advance=first * _steps_per_epoch(ctx))
+        update(advance=first * _steps_per_epoch(ctx, k))
         for epoch in range(first, epochs):
             set_train(module, head)
             stats = EpochStats()
             for step, (x, y) in enumerate(module_inputs(ctx, k, True, offset + epoch, frozen)):
                 tau = multipliers.tau if multipliers is not None else ctx.taus[k]
                 _, numbers = greedy_step(module, head, x, y, tau, cfg.label_smoothing,
-                                         opt, ctx.micro_batch(k))
+                                         opt, ctx.micro_batch(k), keep_output=False)
                 sched.step()
                 _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
                 if multipliers is not None:
@@ -649,10 +667,10 @@ def test_accuracy(ctx: Context, network: StitchedNetwork) -> float:
                                 batch_size=ctx.inference_batch_size())).full[0]
 
 
-def tau_for(config: FitConfig) -> list[float]:
+def tau_for(config: FitConfig, num_modules: int) -> list[float]:
     if config.method == "trgl":
-        return tau_schedule(config.tau, config.modules, config.tau_schedule)
-    return [float("inf")] * config.modules
+        return tau_schedule(config.tau, num_modules, config.tau_schedule)
+    return [float("inf")] * num_modules
 
 
 def _resume_point(ctx: Context, name: str, parts: dict, optimizers: dict) -> int:
@@ -692,8 +710,8 @@ def _save_module(ctx: Context, k: int, module: nn.Module, head: nn.Module, epoch
     save_weights(ctx.run.module_path(k), state, {**metadata, RUN_ID_KEY: ctx.run.run_id})
 
 
-def _steps_per_epoch(ctx: Context) -> int:
-    n, b = len(ctx.data.train), ctx.config.batch_size
+def _steps_per_epoch(ctx: Context, phase: int = 0) -> int:
+    n, b = len(ctx.data.train), ctx.batch_size(phase)
     return (n + b - 1) // b
 
 
@@ -712,6 +730,8 @@ def _module_result(ctx: Context, k: int, accuracy: float | None, train_time: flo
         if ctx.memory_plan else None
     return {"module": k, "lap": ctx.lap, "blocks": [plan.start, plan.stop], "tau": ctx.taus[k],
             "predicted_peak_memory_bytes": phase.predicted_peak_bytes if phase else None,
+            "batch_size": phase.batch_size if phase else ctx.config.batch_size,
+            "lr": ctx.lr(k if ctx.config.mode == "sequential" else 0),
             "micro_batch": phase.micro_batch if phase else ctx.config.batch_size,
             "checkpointing": ctx.checkpointing(k if ctx.config.mode == "sequential" else 0),
             "aux_test_accuracy": accuracy, "train_time_s": round(train_time, 3),

@@ -57,10 +57,11 @@ class EpochStats:
 
 
 def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float,
-                label_smoothing: float, opt: SGD, micro_batch: int | None = None
-                ) -> tuple[torch.Tensor, dict]:
+                label_smoothing: float, opt: SGD, micro_batch: int | None = None,
+                keep_output: bool = True) -> tuple[torch.Tensor | None, dict]:
     """One update of one module and its head on input ``x``; returns the module's output,
-    detached, for the next module (parallel mode) and the step's numbers.
+    detached, for the next module (parallel mode; None with ``keep_output=False``) and the
+    step's numbers.
 
     With ``micro_batch`` smaller than the batch, gradients are accumulated over micro-batches
     (each loss weighted by its share of the batch), so the update is that of the whole batch
@@ -83,14 +84,18 @@ def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Te
         loss, ce = module_loss(logits, ys, transport, tau, label_smoothing)
         share = len(ys) / n
         (loss * share if share < 1 else loss).backward()
-        # The output goes on without its graph: the next module must not backpropagate here.
-        outputs.append(out.detach())
+        if keep_output:
+            # The output goes on without its graph: the next module must not backpropagate
+            # here. (Sequential mode does not keep it: it would outlive the step's peak.)
+            outputs.append(out.detach())
         sums["loss"] += loss.detach() * share
         sums["ce"] += ce.detach() * share
         sums["transport"] += transport.detach() * share
         sums["correct"] += (logits.argmax(1) == ys).sum()
         del out, logits, loss, ce, transport  # this micro-batch's graph is gone after backward
     opt.step()
+    if not keep_output:
+        return None, sums
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), sums
 
 
