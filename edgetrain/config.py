@@ -217,13 +217,6 @@ class FitConfig:
             problems.append(f"--backend ort cannot train --model {self.model} yet (onnxruntime-"
                             "training builds no gradient graph for the transformer blocks); "
                             "use --backend torch, or a CIFAR ResNet, VGG or torchvision model.")
-        elif self.backend == "ort":
-            from edgetrain.onnx.runtime import training_api
-
-            try:
-                training_api("--backend ort")
-            except UserInputError as e:
-                problems.extend(e.problems)
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size),
                             ("--modules", self.modules), ("--cache-views", self.cache_views)):
             if value is not None and value < 1:

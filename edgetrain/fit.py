@@ -61,6 +61,11 @@ def fit(config: FitConfig, progress: bool = False,
     ``--resume``, the first read) until this returns: a second process gets a clear error.
     """
     config = config.validate(None if blocks is None else len(blocks)).resolved()
+    if config.backend == "ort":
+        # Before anything is read or written: is onnxruntime-training importable here?
+        from edgetrain.onnx.runtime import training_api
+
+        training_api("--backend ort")
     device = resolve_device(config.device)
     # How freed tensor memory is kept and given back, before anything is built: the planner's
     # probes below run under the same policy as training (edgetrain/memory/allocator.py).
@@ -117,6 +122,10 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
     meter = MemoryMeter(device)
     ctx = scheduler.Context(config, data, spec, [], [], device, run, meter,
                             ProgressBars(progress))
+    if config.backend == "ort":
+        from edgetrain.onnx.ort_training import train_module_ort
+
+        ctx.train_module_with = train_module_ort  # the scheduler imports no backend
     # Probes (--modules auto, then the memory plan) measure each candidate module once.
     lines: dict = {}
     layout = _layout(ctx, stored, lines)

@@ -474,7 +474,7 @@ def fuzz(monkeypatch, tmp_path):
     # The expensive parts are cut off where they start: `fit` runs its real checks, data
     # loading, run-folder claim and planner, and stops at the first training step.
     monkeypatch.setattr(edgetrain.fit, "_train", _would_run)
-    monkeypatch.setattr("edgetrain.memory.profile.run_variant", _would_run)
+    monkeypatch.setattr("edgetrain.profiler.profile.run_variant", _would_run)
     monkeypatch.setattr("edgetrain.bench.run_bench", _would_run)
     monkeypatch.setattr("edgetrain.onnx.export.export_inference", _would_run)
     return Fuzz(monkeypatch, tmp_path)

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from edgetrain.cli import app
-from edgetrain.memory.breakdown import count_saved_activations, greedy_step_cost
+from edgetrain.memory.breakdown import count_saved_activations
 from edgetrain.memory.costs import NetworkCosts
 from edgetrain.memory.layout import Layout, choose_num_modules, choose_split
 from edgetrain.memory.planner import MemoryPlan, PhasePlan, plan_phase
@@ -19,6 +19,7 @@ from edgetrain.models.heads import AuxHead, LightHead, make_head
 from edgetrain.models.network import build_head, build_module
 from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import plan_modules, split_network
+from edgetrain.profiler.step_cost import greedy_step_cost
 from edgetrain.records import RecordError
 
 SMALL = ["--model", "resnet8", "--train-limit", "256", "--test-limit", "128", "--epochs", "1",

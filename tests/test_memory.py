@@ -8,12 +8,13 @@ from typer.testing import CliRunner
 
 from edgetrain.cli import app
 from edgetrain.errors import UserInputError
-from edgetrain.memory.breakdown import count_saved_activations, greedy_step_cost
+from edgetrain.memory.breakdown import count_saved_activations
 from edgetrain.memory.meter import MemoryMeter
 from edgetrain.memory.planner import BudgetError, make_plan
 from edgetrain.models.network import build_head, build_module, set_transport_form
 from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import split_network
+from edgetrain.profiler.step_cost import greedy_step_cost
 from edgetrain.training.steps import greedy_step, make_optimizer
 from edgetrain.units import MemorySize
 

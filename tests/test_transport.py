@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from edgetrain.errors import UserInputError
-from edgetrain.memory.breakdown import count_saved_activations, greedy_step_cost
+from edgetrain.memory.breakdown import count_saved_activations
 from edgetrain.models import energy
 from edgetrain.models.energy import _batch_norm_with_stats, batchnorm_branch
 from edgetrain.models.network import (
@@ -30,6 +30,7 @@ from edgetrain.models.network import (
 )
 from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import split_network
+from edgetrain.profiler.step_cost import greedy_step_cost
 from edgetrain.training.steps import greedy_step, make_optimizer
 
 # ResNet-14 at small widths, cut in 3 modules of 2 blocks:

@@ -1,4 +1,4 @@
-"""`edgetrain profile`: parse flags, call edgetrain.memory.profile, print the table."""
+"""`edgetrain profile`: parse flags, call edgetrain.profiler.profile, print the table."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def profile(
     clean subprocess, against end-to-end and the analytic floor."""
     from edgetrain.cli.fit import parse_widths as _widths
     from edgetrain.cli.output import fail as _fail
-    from edgetrain.memory.profile import ProfileSpec
-    from edgetrain.memory.profile import profile as run_profile
+    from edgetrain.profiler.profile import ProfileSpec
+    from edgetrain.profiler.profile import profile as run_profile
 
     try:
         _check(model, widths, dataset, data_dir, batch_size, modules, split, steps, device,
@@ -94,7 +94,7 @@ def _check(model: str, widths: str, dataset: str, data_dir: Path | None, batch_s
                   head=head, threads=threads, data_dir=data_dir, out=out).validate()
     except UserInputError as e:
         problems += e.problems
-    from edgetrain.memory.profile import profile_folder_problem
+    from edgetrain.profiler.profile import profile_folder_problem
 
     if problem := profile_folder_problem(out):
         problems.append(problem)

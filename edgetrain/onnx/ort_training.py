@@ -19,7 +19,7 @@ during a step (in its own CPU arena, which keeps its high-water mark until the s
 The torch module and head keep one copy of the weights, refreshed each epoch, for evaluation
 and for what the scheduler does next (freeze, cache, save, stitch).
 
-Evaluation uses torch on the copied-back weights (``_evaluate_module``), not an ORT eval graph:
+Evaluation uses torch on the copied-back weights (``evaluate_module``), not an ORT eval graph:
 the accuracy then comes from the very code the torch backend uses, and a training-mode
 BatchNorm graph gives no loadable ORT eval graph anyway.
 
@@ -44,10 +44,10 @@ from edgetrain.onnx.runtime import training_api
 from edgetrain.onnx.schedule import plain_sgd_lr
 from edgetrain.training.scheduler import (
     Context,
-    _accumulate_or_stop,
-    _evaluate_module,
-    _steps_per_epoch,
+    accumulate_or_stop,
+    evaluate_module,
     module_inputs,
+    steps_per_epoch,
 )
 from edgetrain.training.steps import EpochStats
 
@@ -71,7 +71,7 @@ def train_module_ort(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     if tuple(session.output_names()) != OUTPUTS:  # internal invariant: the loss graph's outputs
         raise RuntimeError(f"unexpected training graph outputs {session.output_names()}")
 
-    total = cfg.epochs * _steps_per_epoch(ctx)
+    total = cfg.epochs * steps_per_epoch(ctx)
     step, test_acc = 0, None
     with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)} (ort)", total=total) as update:
         for epoch in range(cfg.epochs):
@@ -87,10 +87,10 @@ def train_module_ort(ctx: Context, k: int, module: nn.Module, head: nn.Module,
                 optimizer.step()
                 step += 1
                 numbers = {"loss": loss, "ce": ce, "transport": transport, "correct": correct}
-                _accumulate_or_stop(stats, numbers, len(y), k, epoch, i)
+                accumulate_or_stop(stats, numbers, len(y), k, epoch, i)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
             copy_back(state, module, head, steps=step)
-            test_acc, test_half = _evaluate_module(ctx, k, epoch, module, head, frozen)
+            test_acc, test_half = evaluate_module(ctx, k, epoch, module, head, frozen)
             ctx.run.log("epoch", module=k, epoch=epoch,
                         lr=plain_sgd_lr(cfg.lr, cfg.momentum, step, total, cfg.lr_schedule),
                         test_accuracy=test_acc, test_accuracy_half=test_half, backend="ort",

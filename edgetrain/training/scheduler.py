@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import gc
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +95,11 @@ class Context:
     memory_plan: MemoryPlan | None = None
     lap: int = 0
     """The lap of multi-lap sequential training in progress (0 for one lap)."""
+    train_module_with: Callable | None = None
+    """The backend that trains one module of sequential mode, ``(ctx, k, module, head,
+    frozen) -> test accuracy or None``: None is torch autograd (train_module_torch). The
+    caller passes ONNX Runtime's (edgetrain/onnx/ort_training.py) for --backend ort, so the
+    scheduler never imports a backend."""
 
     @property
     def epochs_per_lap(self) -> int:
@@ -370,12 +375,8 @@ def train_one_module(ctx: Context, k: int, plan: ModulePlan, frozen: list[nn.Mod
         module.requires_grad_(True)
         head.requires_grad_(True)
     set_checkpointing(module, ctx.checkpointing(k))
-    if cfg.backend == "ort":
-        from edgetrain.onnx.ort_training import train_module_ort
-
-        test_acc = train_module_ort(ctx, k, module, head, frozen)
-    else:
-        test_acc = train_module_torch(ctx, k, module, head, frozen)
+    train = ctx.train_module_with or train_module_torch
+    test_acc = train(ctx, k, module, head, frozen)
     train_peak = ctx.meter.read().peak_bytes
     train_time = time.perf_counter() - start
 
@@ -390,7 +391,7 @@ def train_one_module(ctx: Context, k: int, plan: ModulePlan, frozen: list[nn.Mod
         test_acc = cache_outputs(ctx, k, module, head)
         cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
     elif test_acc is None:
-        test_acc, _ = _evaluate_module(ctx, k, last, module, head, frozen, force=True)
+        test_acc, _ = evaluate_module(ctx, k, last, module, head, frozen, force=True)
     # The module's weights, then its "module" log line, mark it finished: a run killed
     # before both exist redoes the module from its last epoch checkpoint. A module whose
     # weights are not finite is never saved as finished.
@@ -443,7 +444,7 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     # Data order and augmentation are seeded by the epoch counted over all laps, so each lap
     # sees new orders (and one lap draws exactly what it always did).
     offset = ctx.lap * epochs
-    steps = epochs * _steps_per_epoch(ctx, k)
+    steps = epochs * steps_per_epoch(ctx, k)
     opt, sched = make_optimizer([*module.parameters(), *head.parameters()], ctx.lr(k),
                                 cfg.momentum, cfg.weight_decay, steps, cfg.lr_schedule)
     test_acc = None
@@ -455,7 +456,7 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     first = _resume_point(ctx, name, parts, optimizers)
     lap = f", lap {ctx.lap + 1}/{cfg.laps}" if cfg.laps > 1 else ""
     with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)}{lap}", total=steps) as update:
-        update(advance=first * _steps_per_epoch(ctx, k))
+        update(advance=first * steps_per_epoch(ctx, k))
         for epoch in range(first, epochs):
             set_train(module, head)
             stats = EpochStats()
@@ -464,11 +465,11 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
                 _, numbers = greedy_step(module, head, x, y, tau, cfg.label_smoothing,
                                          opt, ctx.micro_batch(k), keep_output=False)
                 sched.step()
-                _accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
+                accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
                 if multipliers is not None:
                     multipliers.update(float(numbers["ce"]))
                 update(status=f"epoch {epoch + 1}/{epochs}")
-            test_acc, test_half = _evaluate_module(ctx, k, epoch, module, head, frozen)
+            test_acc, test_half = evaluate_module(ctx, k, epoch, module, head, frozen)
             # Checkpoint first, then log: a kill in between repeats an epoch line, never
             # loses an epoch.
             _checkpoint(ctx, name, k, epoch, parts, optimizers)
@@ -481,7 +482,7 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     return test_acc
 
 
-def _evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: nn.Module,
+def evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: nn.Module,
                      frozen: list[nn.Module], force: bool = False
                      ) -> tuple[float | None, float | None]:
     """The head's test accuracy, on the whole test set and on its fixed half (or Nones when
@@ -509,7 +510,7 @@ def train_parallel(ctx: Context) -> list[dict]:
     ctx.meter.reset()
     start = time.perf_counter()
     modules, heads, optimizers = [], [], []
-    steps = cfg.epochs * _steps_per_epoch(ctx)
+    steps = cfg.epochs * steps_per_epoch(ctx)
     for k, plan in enumerate(ctx.plans):
         torch.manual_seed(cfg.seed * 1000 + k)
         modules.append(build_module(ctx.spec, plan, cfg.init, cfg.init_gain).to(ctx.device))
@@ -528,7 +529,7 @@ def train_parallel(ctx: Context) -> list[dict]:
     opts = {f"opt{k}": o for k, o in enumerate(optimizers)}
     first = _resume_point(ctx, "parallel", parts, opts)
     with ctx.bars.task(f"{len(modules)} modules in parallel", total=steps) as update:
-        update(advance=first * _steps_per_epoch(ctx))
+        update(advance=first * steps_per_epoch(ctx))
         for epoch in range(first, cfg.epochs):
             set_train(*modules, *heads)
             stats = [EpochStats() for _ in modules]
@@ -541,7 +542,7 @@ def train_parallel(ctx: Context) -> list[dict]:
                     x, numbers = greedy_step(module, head, x, y, tau, cfg.label_smoothing, opt,
                                              ctx.micro_batch(0))
                     sched.step()
-                    _accumulate_or_stop(stats[k], numbers, len(y), k, epoch, step)
+                    accumulate_or_stop(stats[k], numbers, len(y), k, epoch, step)
                     if multipliers is not None:
                         multipliers[k].update(float(numbers["ce"]))
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
@@ -585,12 +586,12 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
     network = build_network(ctx.spec, ctx.plans, ctx.num_classes, cfg.init,
                             cfg.init_gain).to(ctx.device)
     set_checkpointing(network, ctx.checkpointing(0))
-    steps = cfg.epochs * _steps_per_epoch(ctx)
+    steps = cfg.epochs * steps_per_epoch(ctx)
     opt, sched = make_optimizer(network.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
                                 steps, cfg.lr_schedule)
     first = _resume_point(ctx, "e2e", {"network": network}, {"opt": (opt, sched)})
     with ctx.bars.task("end to end", total=steps) as update:
-        update(advance=first * _steps_per_epoch(ctx))
+        update(advance=first * steps_per_epoch(ctx))
         for epoch in range(first, cfg.epochs):
             network.train()
             stats = EpochStats()
@@ -598,7 +599,7 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
                 numbers = end_to_end_step(network, x, y, cfg.label_smoothing, opt,
                                           ctx.micro_batch(0))
                 sched.step()
-                _accumulate_or_stop(stats, numbers, len(y), None, epoch, step)
+                accumulate_or_stop(stats, numbers, len(y), None, epoch, step)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
             accuracy = half = None
             if cfg.eval_every_epoch or epoch == cfg.epochs - 1:
@@ -710,12 +711,12 @@ def _save_module(ctx: Context, k: int, module: nn.Module, head: nn.Module, epoch
     save_weights(ctx.run.module_path(k), state, {**metadata, RUN_ID_KEY: ctx.run.run_id})
 
 
-def _steps_per_epoch(ctx: Context, phase: int = 0) -> int:
+def steps_per_epoch(ctx: Context, phase: int = 0) -> int:
     n, b = len(ctx.data.train), ctx.batch_size(phase)
     return (n + b - 1) // b
 
 
-def _accumulate_or_stop(stats: EpochStats, numbers: dict, batch: int, module: int | None,
+def accumulate_or_stop(stats: EpochStats, numbers: dict, batch: int, module: int | None,
                         epoch: int, step: int) -> None:
     try:
         accumulate(stats, numbers, batch)

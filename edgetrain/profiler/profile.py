@@ -1,6 +1,6 @@
 """`edgetrain profile`: peak memory of each training method for one network, side by side.
 
-Every variant runs in its own subprocess (edgetrain/memory/worker.py), so each peak starts
+Every variant runs in its own subprocess (edgetrain/profiler/worker.py), so each peak starts
 from a clean process, and trains the split `edgetrain fit` would (the layout planner's, for
 its method and checkpointing). The table sets each variant's training-only peak against
 end-to-end's, and against its analytic floor: weights + gradients + optimizer state + saved
@@ -69,7 +69,7 @@ def run_variant(spec: ProfileSpec, name: str, method: str, mode: str,
                           "checkpointing": checkpointing})
     # The worker runs under the allocation policy `edgetrain fit` runs under (its malloc
     # preloaded where installed): the same peaks as training, not another allocator's.
-    proc = subprocess.run([sys.executable, "-m", "edgetrain.memory.worker", payload],
+    proc = subprocess.run([sys.executable, "-m", "edgetrain.profiler.worker", payload],
                           capture_output=True, text=True,
                           env=allocator.child_env(None if method.startswith("e2e") else mode,
                                                   spec.device, checkpointing))

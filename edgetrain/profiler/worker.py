@@ -1,6 +1,6 @@
 """One `edgetrain profile` measurement, run in a fresh subprocess so its peak is its own.
 
-    python -m edgetrain.memory.worker '<json spec>'   ->  one JSON line on stdout
+    python -m edgetrain.profiler.worker '<json spec>'   ->  one JSON line on stdout
 
 Phases, each measured apart:
 
