@@ -51,6 +51,10 @@ def fit(config: FitConfig, progress: bool = False,
     The run folder is locked (runs/lock.py) from before the first write (or, with
     ``--resume``, the first read) until this returns: a second process gets a clear error.
     """
+    if config.distributed:  # issue 15: one rank of a torch.distributed job (torchrun)
+        from edgetrain.distributed.run import fit_distributed
+
+        return fit_distributed(config, progress, on_plan)
     config = config.validate().resolved()
     device = resolve_device(config.device)
     # How freed tensor memory is kept and given back, before anything is built: the planner's
