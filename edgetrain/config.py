@@ -290,6 +290,13 @@ class FitConfig:
                             "training is not distributed.")
         if self.backend != "torch" or self.laps > 1:
             problems.append("--distributed runs with --backend torch and one lap (--laps 1).")
+        if self.mode != "parallel":
+            # edgetrain/distributed/sequential.py (each module data-parallel over every rank,
+            # the disk cache read from a shared folder) is not written yet.
+            problems.append("--distributed --mode sequential (each module data-parallel over "
+                            "every rank) is not available yet: use --distributed --mode "
+                            "parallel (a pipeline of modules; --replicas for data-parallel "
+                            "copies of it), or drop --distributed.")
         if self.in_flight != 1 and self.mode != "parallel":
             problems.append("--in-flight bounds the batches between pipeline stages: it "
                             "applies to --mode parallel only; drop it.")

@@ -154,7 +154,7 @@ class Stage:
         for part in (self.module.state_dict(), self.head.state_dict(), self.opt.state_dict()):
             for name, t in sorted(part.items()):
                 h.update(name.encode())
-                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
 
