@@ -140,13 +140,12 @@ class FitConfig:
     yet (e.g. lr after a diverged module, cache_dtype after a full disk); see RESUME_CHANGEABLE."""
     # --- issue 15: torch.distributed (edgetrain/distributed/; README, Distributed) ---
     distributed: bool = False
-    """Run as one process of a torch.distributed job started by torchrun: --mode parallel
-    puts each module on its own process (a pipeline), --mode sequential trains each module
-    data-parallel on every process (README, Distributed)."""
+    """Run as one process of a torch.distributed job started by torchrun, with --mode
+    parallel: each module on its own process (a pipeline; README, Distributed). --mode
+    sequential (each module data-parallel on every process) is not available yet."""
     replicas: int = 1
     """With --distributed: data-parallel replicas of each module, each training on
-    batch-size/replicas samples of every batch (processes: modules x replicas in parallel mode,
-    replicas in sequential mode)."""
+    batch-size/replicas samples of every batch (the job has modules x replicas processes)."""
     in_flight: int = 1
     """With --distributed --mode parallel: batches a stage may have sent that the next stage
     has not taken yet (1 is the single-process schedule; more overlaps more and holds one
@@ -154,7 +153,7 @@ class FitConfig:
     dist_timeout: float = 300.0
     """With --distributed: seconds a rank waits for another (a batch, a gradient, a barrier)
     before it stops the job with an error naming that rank. Must exceed the longest time one
-    rank works alone (sequential mode: rank 0 writing a module's disk cache)."""
+    rank works alone (rank 0 writing a checkpoint or the final files)."""
     # --- end issue 15 ---
     extra: dict = field(default_factory=dict)
     """Free-form fields tools may record (not used by training)."""

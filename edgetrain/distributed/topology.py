@@ -195,7 +195,8 @@ def check_same_config(topo: Topology, config_json: str) -> None:
 def gather_all(topo: Topology, value, what: str) -> list:
     """``value`` of every rank, on every rank (small picklable objects, control group)."""
     out = [None] * topo.world_size
-    with talking(topo, what):
+    # A collective cannot tell which peer failed: the message lists every one it waited on.
+    with talking(topo, what, peers=[r for r in range(topo.world_size) if r != topo.rank]):
         dist.all_gather_object(out, value)
     return out
 
@@ -250,7 +251,8 @@ class talking:
         if self.peer is not None:
             who = f"; waiting on {self.topo.describe(self.peer)}"
         elif self.peers:
-            who = f"; waiting on rank(s) {', '.join(map(str, self.peers))}"
+            who = (f"; waiting on rank {self.peers[0]}" if len(self.peers) == 1 else
+                   f"; waiting on one of ranks {', '.join(map(str, self.peers))}")
         else:
             who = ""
         raise PeerError(self.topo.rank, f"{self.what}{who}: {peer_failure(text)} "
