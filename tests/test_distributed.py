@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -267,8 +268,8 @@ LONG = [*TINY, "--modules", "2", "--epochs", "6", "--train-limit", "480"]
 """Long enough that a rank can be stopped in the middle of training."""
 
 
-@pytest.mark.parametrize("victim,how", [(1, "kill"), (1, "hang"), (0, "kill")],
-                         ids=["kill-rank-1", "hang-rank-1", "kill-rank-0"])
+@pytest.mark.parametrize("victim,how", [(1, "kill"), (1, "hang"), (0, "kill"), (0, "hang")],
+                         ids=["kill-rank-1", "hang-rank-1", "kill-rank-0", "hang-rank-0"])
 def test_dead_or_hung_rank_stops_the_job_then_resume_finishes(tmp_path, single, victim, how):
     out = tmp_path / "run"
     flags = [*LONG, "--distributed", "--dist-timeout", "6", "--out", str(out)]
@@ -303,6 +304,33 @@ def test_dead_or_hung_rank_stops_the_job_then_resume_finishes(tmp_path, single, 
     resumed = run_job(2, [*flags, "--resume"], tmp_path / "logs-resume")
     assert "resume" in [e["event"] for e in events(out)], resumed.output()
     assert_same_weights(single("--modules", "2", "--epochs", "6", "--train-limit", "480"), out)
+
+
+def test_killed_replica_then_resume_equals_the_uninterrupted_job(tmp_path):
+    """2 stages x 2 replicas: SIGKILL the second replica of stage 2 mid-training; the job
+    stops, and --resume (every stage's state sent from rank 0's checkpoint to both replicas)
+    ends with the uninterrupted job's weights bit for bit."""
+    args = [*LONG, "--epochs", "3", "--distributed", "--replicas", "2", "--dist-timeout", "20"]
+    whole = tmp_path / "whole"
+    run_job(4, [*args, "--out", str(whole)], tmp_path / "logs-whole")
+
+    out = tmp_path / "run"
+    job = Job(4, [*args, "--out", str(out)], tmp_path / "logs")
+    deadline = time.monotonic() + WAIT_S
+    while not any(e["event"] == "epoch" for e in events(out)):
+        assert all(p.poll() is None for p in job.procs), job.output()
+        assert time.monotonic() < deadline, job.output()
+        time.sleep(0.02)
+    os.kill(job.procs[3].pid, signal.SIGKILL)
+    codes = job.wait(ranks=[0, 1, 2])
+    assert codes == [3, 3, 3], job.output()
+    # Its replica partner names it (alone in the all-reduce, among others in a gather).
+    assert re.search(r"waiting on (rank 3 |one of ranks [0-9, ]*\b3\b)", job.text(1)), \
+        job.output()
+    assert not (out / "report.json").exists()
+
+    run_job(4, [*args, "--out", str(out), "--resume"], tmp_path / "logs-resume")
+    assert_same_weights(whole, out)
 
 
 # ---------------------------------------------------------------------------------------------
