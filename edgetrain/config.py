@@ -153,6 +153,23 @@ class FitConfig:
     allow_changes: tuple[str, ...] = ()
     """With --resume: settings that may differ from the run's own for the modules not finished
     yet (e.g. lr after a diverged module, cache_dtype after a full disk); see RESUME_CHANGEABLE."""
+    # --- issue 15: torch.distributed (edgetrain/distributed/; README, Distributed) ---
+    distributed: bool = False
+    """Run as one process of a torch.distributed job started by torchrun, with --mode
+    parallel: each module on its own process (a pipeline; README, Distributed). --mode
+    sequential (each module data-parallel on every process) is not available yet."""
+    replicas: int = 1
+    """With --distributed: data-parallel replicas of each module, each training on
+    batch-size/replicas samples of every batch (the job has modules x replicas processes)."""
+    in_flight: int = 1
+    """With --distributed --mode parallel: batches a stage may have sent that the next stage
+    has not taken yet (1 is the single-process schedule; more overlaps more and holds one
+    more output batch per rank). Results are the same for any value."""
+    dist_timeout: float = 300.0
+    """With --distributed: seconds a rank waits for another (a batch, a gradient, a barrier)
+    before it stops the job with an error naming that rank. Must exceed the longest time one
+    rank works alone (rank 0 writing a checkpoint or the final files)."""
+    # --- end issue 15 ---
     extra: dict = field(default_factory=dict)
     """Free-form fields tools may record (not used by training)."""
 
@@ -307,9 +324,48 @@ class FitConfig:
                         path_problem("--data-dir", self.data_dir)):
             if problem:
                 problems.append(problem)
+        problems += self._distributed_problems()  # issue 15
         if problems:
             raise UserInputError(problems)
         return self
+
+    def _distributed_problems(self) -> list[str]:
+        """The --distributed flags' checks (issue 15); the launch itself (world size, the
+        torchrun environment) is checked when the job starts (edgetrain/distributed/)."""
+        problems = []
+        for flag, value in (("--replicas", self.replicas), ("--in-flight", self.in_flight)):
+            if value < 1:
+                problems.append(f"{flag} must be at least 1 (got {value}).")
+        if not 0 < self.dist_timeout < math.inf:
+            problems.append("--dist-timeout must be a positive number of seconds, e.g. 300 "
+                            f"(got {self.dist_timeout}).")
+        if not self.distributed:
+            for flag, value in (("--replicas", self.replicas), ("--in-flight", self.in_flight)):
+                if value != 1:
+                    problems.append(f"{flag} applies to --distributed runs (launched with "
+                                    "torchrun); add --distributed or drop it.")
+            return problems
+        if self.method == "e2e":
+            problems.append("--distributed trains module-wise (a pipeline of modules, or each "
+                            "module data-parallel): use --method trgl or vanilla; end-to-end "
+                            "training is not distributed.")
+        if self.backend != "torch" or self.laps > 1:
+            problems.append("--distributed runs with --backend torch and one lap (--laps 1).")
+        if self.mode != "parallel":
+            # edgetrain/distributed/sequential.py (each module data-parallel over every rank,
+            # the disk cache read from a shared folder) is not written yet.
+            problems.append("--distributed --mode sequential (each module data-parallel over "
+                            "every rank) is not available yet: use --distributed --mode "
+                            "parallel (a pipeline of modules; --replicas for data-parallel "
+                            "copies of it), or drop --distributed.")
+        if self.in_flight != 1 and self.mode != "parallel":
+            problems.append("--in-flight bounds the batches between pipeline stages: it "
+                            "applies to --mode parallel only; drop it.")
+        if self.replicas >= 1 and self.batch_size >= 1 and self.batch_size % self.replicas:
+            problems.append(f"--batch-size {self.batch_size} must be a multiple of --replicas "
+                            f"{self.replicas}: each replica trains on batch-size/replicas "
+                            "samples of every batch.")
+        return problems
 
     def resolved(self) -> FitConfig:
         """The config as the run will use it: the cache only applies to sequential greedy
@@ -435,7 +491,11 @@ def _flag(name: str) -> str:
 
 
 RESUME_FREE = frozenset({"resume", "overwrite", "out", "download", "extra", "eval_every_epoch",
-                         "allow_changes", "threads", "device"})
+                         "allow_changes", "threads", "device",
+                         # issue 15: how the work is spread over processes, not what it
+                         # computes (a pipeline gives single-process parallel mode's weights
+                         # bit for bit, whatever --in-flight); --replicas must match.
+                         "distributed", "in_flight", "dist_timeout"})
 """Fields that may differ between a run and its resumption: they do not change what the run
 computes (``threads`` and ``device`` are compared as resolved, see resume_problem)."""
 RESUME_CHANGEABLE: dict[str, bool] = {

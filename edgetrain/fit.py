@@ -60,6 +60,10 @@ def fit(config: FitConfig, progress: bool = False,
     The run folder is locked (runs/lock.py) from before the first write (or, with
     ``--resume``, the first read) until this returns: a second process gets a clear error.
     """
+    if config.distributed:
+        raise UserInputError("--distributed runs through edgetrain.distributed.run."
+                             "fit_distributed (the `edgetrain fit` command dispatches there); "
+                             "this process trains alone.")
     config = config.validate(None if blocks is None else len(blocks)).resolved()
     if config.backend == "ort":
         # Before anything is read or written: is onnxruntime-training importable here?
@@ -91,7 +95,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         # Locked before anything of the run is read: nobody else writes it from here on.
         run, lock, marker = open_for_resume(config.out)
         held.callback(lock.release)
-        stored, stored_resolved = _read_stored_config(run)
+        stored, stored_resolved = read_stored_config(run)
         # The log, checked before use (against the K the run resolved: --modules auto).
         stored_k = stored.modules if stored.modules is not None else \
             stored_resolved.get("modules")
@@ -133,7 +137,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
     ctx.taus = scheduler.tau_for(config, len(ctx.plans))
     resolved["modules"] = len(ctx.plans)
     if stored is not None:
-        report = _finished_report(ctx)
+        report = finished_report(ctx)
         if report is not None:
             return report  # finished already, outputs intact: nothing to redo
     if config.memory_budget is not None:
@@ -147,7 +151,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         run, lock, marker = claim_new_run(config.out, config.overwrite, config_json)
         held.callback(lock.release)
     else:
-        _record_changes(run, stored, config, config_json)
+        record_changes(run, stored, config, config_json)
     ctx.run = run
     write_json_atomic(run.model_info_path, {
         "architecture": family(config.model) if blocks is None else CUSTOM,
@@ -283,7 +287,7 @@ def size_problem(config: FitConfig, spec, info, device: torch.device) -> str | N
     return None
 
 
-def _read_stored_config(run: RunDir) -> tuple[FitConfig, dict]:
+def read_stored_config(run: RunDir) -> tuple[FitConfig, dict]:
     """The resumed run's config and what its flags resolved to, both checked."""
     data = read_json_object(run.config_path)
     stored = FitConfig.from_dict(data, str(run.config_path))
@@ -295,7 +299,7 @@ def _read_stored_config(run: RunDir) -> tuple[FitConfig, dict]:
                     "data_fingerprint": resolved.str("data_fingerprint")}
 
 
-def _record_changes(run: RunDir, stored: FitConfig, config: FitConfig, config_json: str) -> None:
+def record_changes(run: RunDir, stored: FitConfig, config: FitConfig, config_json: str) -> None:
     """A resumption with --allow-changes: config.json takes the new values and keeps the
     history; the module in progress starts again if an optimisation setting changed."""
     changes = config.resume_differences(stored)
@@ -318,7 +322,7 @@ def _record_changes(run: RunDir, stored: FitConfig, config: FitConfig, config_js
         run.remove("checkpoints")
 
 
-def _finished_report(ctx: scheduler.Context) -> dict | None:
+def finished_report(ctx: scheduler.Context) -> dict | None:
     """The report of a finished run whose outputs are all there and intact; None if the run
     is not finished, or if an output is missing or damaged (then the report is withdrawn, so
     the resumption rebuilds what is needed)."""

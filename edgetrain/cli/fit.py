@@ -75,6 +75,7 @@ def fit(
     **values,
 ) -> None:
     """Train a network module by module (TRGL), or end to end as the baseline."""
+    from edgetrain.distributed.errors import PeerError
     from edgetrain.fit import fit as run_fit
     from edgetrain.memory.planner import BudgetError
     from edgetrain.reporting import print_plan, print_report
@@ -99,6 +100,8 @@ def fit(
             problems.extend(e.problems)
         if problems:
             raise UserInputError(problems)
+        if config.distributed:  # one rank of a torch.distributed job (torchrun)
+            from edgetrain.distributed.run import fit_distributed as run_fit
         report = run_fit(config, progress=progress,
                          on_plan=lambda plan, layout: print_plan(plan, layout, console))
     except BudgetError as e:
@@ -106,6 +109,8 @@ def fit(
     except UserInputError as e:
         _fail(str(e), code=2)
     except NonFiniteLossError as e:
+        _fail(str(e), code=3)
+    except PeerError as e:  # issue 15: a rank of a distributed job died or stopped answering
         _fail(str(e), code=3)
     except OSError as e:
         if not is_out_of_space(e):
@@ -118,6 +123,8 @@ def fit(
     except KeyboardInterrupt:
         _fail(f"Interrupted. Finished modules and the last epoch checkpoint are kept in {out}; "
               "to continue, run the same command again with --resume.", code=130)
+    if "secondary_rank" in report:  # issue 15: rank 0 prints the distributed run's report
+        return
     print_report(report, out, console)
     if report["budget_exceeded"]:
         _fail("the measured peak memory exceeded --memory-budget: see the phases table above "

@@ -1,0 +1,184 @@
+"""One module and its head as one rank trains them, and the state that travels to rank 0.
+
+Both distributed modes train modules through :class:`Stage`: the pipeline (one stage per rank)
+and data-parallel sequential mode (every rank a replica of the module in training). The update
+itself is edgetrain's :func:`~edgetrain.training.steps.greedy_step`, unchanged; with replicas it
+is handed a :class:`~edgetrain.distributed.replicas.ReplicaSGD` instead of the plain SGD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from edgetrain.distributed.replicas import ReplicaSGD, reduce_sum
+from edgetrain.distributed.topology import Topology
+from edgetrain.models.network import build_head, build_module, set_checkpointing
+from edgetrain.training.steps import (
+    EpochStats,
+    NonFiniteLossError,
+    accumulate,
+    greedy_step,
+    make_optimizer,
+)
+from edgetrain.training.transport import Multipliers
+
+Shards = list[int]
+"""Each replica's share of one batch, in samples (replica order)."""
+
+
+@dataclass
+class Timers:
+    """Where one rank's time went (seconds), and what it trained on."""
+
+    compute_s: float = 0.0
+    """Forward, backward and SGD steps (without the gradient all-reduce)."""
+    allreduce_s: float = 0.0
+    """Waiting in the replicas' gradient all-reduce (communication and slower replicas)."""
+    recv_wait_s: float = 0.0
+    """Waiting for the previous stage's activations."""
+    send_wait_s: float = 0.0
+    """Waiting for the next stage to take a batch (the in-flight bound)."""
+    sync_s: float = 0.0
+    """Epoch ends: statistics, state to rank 0, checkpoint and barriers."""
+    eval_s: float = 0.0
+    images: int = 0
+    """Training samples this rank stepped on."""
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(self).items()}
+
+
+class Stage:
+    """Module ``k`` of the run with its head, optimizer, schedule (and multipliers), built as
+    single-process training builds them: the same seed gives the same initial weights."""
+
+    def __init__(self, ctx, k: int, topo: Topology, micro_batch: int, total_steps: int,
+                 checkpointing: bool):
+        cfg = ctx.config
+        self.ctx, self.k, self.topo = ctx, k, topo
+        self.micro_batch = micro_batch
+        plan = ctx.plans[k]
+        torch.manual_seed(cfg.seed * 1000 + k)
+        self.module = build_module(ctx.spec, plan, cfg.init, cfg.init_gain).to(ctx.device)
+        set_checkpointing(self.module, checkpointing)
+        self.head = build_head(plan, ctx.num_classes, cfg.init, cfg.init_gain).to(ctx.device)
+        self.opt, self.sched = make_optimizer(
+            [*self.module.parameters(), *self.head.parameters()], cfg.lr, cfg.momentum,
+            cfg.weight_decay, total_steps, cfg.lr_schedule)
+        self.multipliers = Multipliers() if cfg.tau_schedule == "multipliers" else None
+        self.step_opt = (ReplicaSGD(self.opt, [self.module, self.head], topo, micro_batch)
+                         if topo.replicas > 1 else self.opt)
+        self.timers = Timers()
+
+    @property
+    def tau(self) -> float:
+        return self.multipliers.tau if self.multipliers is not None else self.ctx.taus[self.k]
+
+    def train_epoch(self, batches: Iterable[tuple[torch.Tensor | None, torch.Tensor | None,
+                                                   Shards]],
+                    epoch: int, on_output: Callable[[torch.Tensor, torch.Tensor, int], None]
+                    | None = None, progress: Callable[[], None] | None = None) -> EpochStats:
+        """One epoch over ``batches``: ``(x, y, shards)`` with this rank's shard (None where it
+        is empty) and every replica's shard size. ``on_output`` gets each step's detached
+        output (for the next stage)."""
+        cfg = self.ctx.config
+        stats = EpochStats()
+        self.module.train()
+        self.head.train()
+        for step, (x, y, shards) in enumerate(batches):
+            if isinstance(self.step_opt, ReplicaSGD):
+                self.step_opt.begin(shards)
+            start = time.perf_counter()
+            reduced_before = getattr(self.step_opt, "allreduce_s", 0.0)
+            numbers = None
+            if x is None:
+                self.step_opt.empty_step()
+            else:
+                out, numbers = greedy_step(self.module, self.head, x, y, self.tau,
+                                           cfg.label_smoothing, self.step_opt,
+                                           self.micro_batch)
+            self.sched.step()
+            reduced = getattr(self.step_opt, "allreduce_s", 0.0) - reduced_before
+            self.timers.compute_s += time.perf_counter() - start - reduced
+            self.timers.allreduce_s += reduced
+            if numbers is not None:
+                self.timers.images += len(y)
+                if on_output is not None:
+                    on_output(out, y, step)
+                del out
+                try:
+                    accumulate(stats, numbers, len(y))
+                except FloatingPointError as e:
+                    raise NonFiniteLossError(self.k, epoch, step, e.args[0]) from None
+            if self.multipliers is not None:
+                # lambda follows the cross-entropy of the whole batch, the same on every
+                # replica (a local one would let the replicas' penalty weights drift apart).
+                share = (len(y) / sum(shards)) if numbers is not None else 0.0
+                ce = float(numbers["ce"]) * share if numbers is not None else 0.0
+                self.multipliers.update(reduce_sum(self.topo, [ce], "adding up the "
+                                                   "cross-entropy for --tau-schedule "
+                                                   "multipliers")[0])
+            if progress is not None:
+                progress()
+        return stats
+
+    # -- state that travels: to rank 0 for checkpoints and module files, from it on resume --
+
+    def payload(self) -> dict:
+        """Weights (BatchNorm statistics included), momentum, schedule position and
+        multipliers, as CPU tensors: what rank 0 writes for this module."""
+        def cpu(state):
+            return {n: t.detach().cpu() for n, t in state.items()}
+        return {"module": cpu(self.module.state_dict()), "head": cpu(self.head.state_dict()),
+                "opt": cpu(self.opt.state_dict()), "steps": self.sched.step_count,
+                "multipliers": cpu(self.multipliers.state_dict())
+                if self.multipliers is not None else None}
+
+    def load(self, payload: dict) -> None:
+        self.module.load_state_dict(payload["module"])
+        self.head.load_state_dict(payload["head"])
+        self.opt.load_state_dict(payload["opt"])
+        self.sched.step_count = payload["steps"]
+        self.opt.lr = self.sched.lr_at(self.sched.step_count)
+        if self.multipliers is not None and payload["multipliers"] is not None:
+            self.multipliers.load_state_dict(payload["multipliers"])
+
+    def digest(self) -> str:
+        """A checksum of the weights, statistics and momentum: replicas must agree on it."""
+        h = hashlib.blake2b(digest_size=16)
+        for part in (self.module.state_dict(), self.head.state_dict(), self.opt.state_dict()):
+            for name, t in sorted(part.items()):
+                h.update(name.encode())
+                h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
+class Saved:
+    """A received state, shaped like what :func:`edgetrain.training.checkpoints.save_checkpoint`
+    reads from a part (``state_dict()``) or an optimizer's schedule (``step_count``)."""
+
+    def __init__(self, state: dict | None = None, step_count: int = 0):
+        self.state = state or {}
+        self.step_count = step_count
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
+def checkpoint_parts(payloads: list[dict]) -> tuple[dict, dict]:
+    """``(parts, optimizers)`` of every stage's payload under single-process parallel mode's
+    names (``module{k}``, ``head{k}``, ``multipliers{k}``, ``opt{k}``), so that the checkpoint
+    file is the same as a single-process run's."""
+    parts, optimizers = {}, {}
+    for k, p in enumerate(payloads):
+        parts[f"module{k}"] = Saved(p["module"])
+        parts[f"head{k}"] = Saved(p["head"])
+        if p["multipliers"] is not None:
+            parts[f"multipliers{k}"] = Saved(p["multipliers"])
+        optimizers[f"opt{k}"] = (Saved(p["opt"]), Saved(step_count=p["steps"]))
+    return parts, optimizers
