@@ -102,3 +102,15 @@ def test_no_private_names_cross_modules():
                  for target, file, line, names in rows for name in names
                  if name.startswith("_") and target != module]
     assert crossings == []
+
+
+def test_one_phase():
+    """A training phase (build, optimiser, step) is written once, training/phase.py: nothing
+    else calls the step functions or builds optimisers, except the distributed stages, whose
+    replicas average gradients between backward and the optimiser step (their own SGD)."""
+    step_parts = {"greedy_step", "end_to_end_step", "make_optimizer"}
+    users = sorted({module for module, rows in _imports().items()
+                    for target, _, _, names in rows
+                    if target == "edgetrain.training.steps" and step_parts & set(names)})
+    assert [u for u in users if not u.startswith("edgetrain.distributed.")] == [
+        "edgetrain.training.phase"]

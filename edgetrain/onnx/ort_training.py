@@ -42,6 +42,7 @@ from edgetrain.onnx.artifacts import OUTPUTS, build_training_artifacts
 from edgetrain.onnx.graphs import quiet_native_stderr
 from edgetrain.onnx.runtime import training_api
 from edgetrain.onnx.schedule import plain_sgd_lr
+from edgetrain.training.phase import Phase
 from edgetrain.training.scheduler import (
     Context,
     accumulate_or_stop,
@@ -52,10 +53,12 @@ from edgetrain.training.scheduler import (
 from edgetrain.training.steps import EpochStats
 
 
-def train_module_ort(ctx: Context, k: int, module: nn.Module, head: nn.Module,
-                     frozen: list[nn.Module]) -> float | None:
-    """Train module ``k`` and its head with ONNX Runtime; copy the result back into ``module``
-    and ``head``; return the head's last test accuracy (None if not evaluated)."""
+def train_module_ort(ctx: Context, k: int, phase: Phase, frozen: list[nn.Module]
+                     ) -> float | None:
+    """Train module ``k`` and its head (``phase``'s, built by the scheduler; its torch
+    optimiser stays unused) with ONNX Runtime; copy the result back into them; return the
+    head's last test accuracy (None if not evaluated)."""
+    module, head = phase.model, phase.head
     ort = training_api("--backend ort")
     cfg = ctx.config
     plan = ctx.plans[k]

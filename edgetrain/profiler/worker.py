@@ -29,7 +29,6 @@ import time
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from edgetrain.memory import allocator
 from edgetrain.memory.breakdown import parameter_bytes, trainable_bytes
@@ -83,18 +82,13 @@ def main(spec: dict) -> dict:
     release_free_memory(device)
     framework = current_rss_bytes()
 
+    from edgetrain.config import FitConfig
     from edgetrain.data import augment_batch, iterate_batches, load_dataset, normalize
     from edgetrain.memory.costs import NetworkCosts
     from edgetrain.memory.layout import choose_split
     from edgetrain.models.families import network_spec
-    from edgetrain.models.network import (
-        build_head,
-        build_module,
-        build_network,
-        set_checkpointing,
-        set_transport_form,
-    )
-    from edgetrain.training.steps import greedy_step
+    from edgetrain.models.network import set_transport_form
+    from edgetrain.training.phase import Optim, Phase
     from edgetrain.training.transport import tau_schedule
 
     data = load_dataset(spec["dataset"], spec.get("data_dir"), False, None,
@@ -149,13 +143,18 @@ def main(spec: dict) -> dict:
                 torch.cuda.synchronize(device)
             step_times.append(time.perf_counter() - start)
 
-    def build(plan, k):
-        torch.manual_seed(k)
-        module = build_module(net_spec, plan).to(device)
-        set_transport_form(module, form)
-        set_checkpointing(module, checkpointing)
-        head = build_head(plan, info.num_classes).to(device)
-        return module, head, SGD([*module.parameters(), *head.parameters()], 0.01, 0.9, 5e-4)
+    # fit's own optimiser settings (its defaults): the momentum buffers are part of the peak.
+    optim = Optim.of(FitConfig())
+
+    def build(plan, k) -> Phase:
+        phase = Phase.module(net_spec, plan, info.num_classes, device, optim, steps, taus[k],
+                             seed=k, checkpointing=checkpointing)
+        set_transport_form(phase.model, form)
+        return phase
+
+    def build_network() -> Phase:
+        return Phase.end_to_end(net_spec, plans, info.num_classes, device, optim, steps,
+                                checkpointing=checkpointing)
 
     def module_input(k, plan):
         if k == 0:
@@ -170,19 +169,14 @@ def main(spec: dict) -> dict:
     if not greedy:
         meter.reset()
         starts.append(current_rss_bytes())
-        network = build_network(net_spec, plans, info.num_classes).to(device)
-        set_checkpointing(network, checkpointing)
-        opt = SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        network = build_network()
 
         def e2e_step() -> None:
-            x, y = next(batches)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(network(x), y).backward()
-            opt.step()
+            network.step(*next(batches))
 
         timed(e2e_step)
         peaks.append(meter.read().peak_bytes)
-        del network, opt
+        del network, e2e_step
     elif mode == "parallel":
         meter.reset()
         starts.append(current_rss_bytes())
@@ -190,29 +184,28 @@ def main(spec: dict) -> dict:
 
         def parallel_step() -> None:
             x, y = next(batches)
-            for k, (module, head, opt) in enumerate(parts):
-                x, _ = greedy_step(module, head, x, y, taus[k], 0.0, opt)
+            for phase in parts:
+                x, _ = phase.step(x, y)
 
         timed(parallel_step)
         peaks.append(meter.read().peak_bytes)
-        del parts
+        del parts, parallel_step
     else:
         for k, plan in enumerate(plans):
             release_free_memory(device)
             meter.reset()
             starts.append(current_rss_bytes())
-            module, head, opt = build(plan, k)
+            phase = build(plan, k)
 
-            def module_step(k=k, plan=plan, module=module, head=head, opt=opt) -> None:
-                x, y = module_input(k, plan)
-                greedy_step(module, head, x, y, taus[k], 0.0, opt, keep_output=False)
+            def module_step(k=k, plan=plan, phase=phase) -> None:
+                phase.step(*module_input(k, plan), keep_output=False)
 
             timed(module_step)
             peaks.append(meter.read().peak_bytes)
             module_step_times.append(statistics.median(step_times[1:] or step_times))
             # Everything of module k goes before module k+1's phase is reset and measured, as
             # in `edgetrain fit`: the step closure holds it too.
-            del module, head, opt, module_step
+            del phase, module_step
     gc.collect()
     release_free_memory(device)
 
@@ -221,31 +214,27 @@ def main(spec: dict) -> dict:
               [costs.module_count(p.start, p.stop, p.head, b, checkpointing) for p in plans])
     tensor_peaks: list[int] = []
     if not greedy:
-        network = build_network(net_spec, plans, info.num_classes).to(device)
-        set_checkpointing(network, checkpointing)
-        opt = SGD(network.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        network = build_network()
 
         def e2e_step() -> None:
-            x, y = next(batches)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(network(x), y).backward()
-            opt.step()
+            network.step(*next(batches))
 
         e2e_step()  # momentum buffers exist from here on, as in the measured steps
-        alive = parameter_bytes(network) + trainable_bytes(network)
+        alive = parameter_bytes(network.model) + trainable_bytes(network.model)
         tensor_peaks.append(alive + tensor_peak_bytes(e2e_step))
-        del network, opt
+        del network, e2e_step
     else:
         built = [build(plan, k) for k, plan in enumerate(plans)]
-        alive = sum(parameter_bytes(m, h) + trainable_bytes(m, h) for m, h, _ in built)
-        for k, (plan, (module, head, opt)) in enumerate(zip(plans, built)):
+        alive = sum(parameter_bytes(p.model, p.head) + trainable_bytes(p.model, p.head)
+                    for p in built)
+        for k, (plan, phase) in enumerate(zip(plans, built)):
 
-            def analysed_step(k=k, plan=plan, module=module, head=head, opt=opt) -> None:
-                x, y = module_input(k, plan)
-                greedy_step(module, head, x, y, taus[k], 0.0, opt, keep_output=False)
+            def analysed_step(k=k, plan=plan, phase=phase) -> None:
+                phase.step(*module_input(k, plan), keep_output=False)
 
             analysed_step()
-            mine = parameter_bytes(module, head) + trainable_bytes(module, head)
+            mine = parameter_bytes(phase.model, phase.head) + trainable_bytes(phase.model,
+                                                                              phase.head)
             # Parallel mode: every module's weights and momentum are alive in every step.
             tensor_peaks.append((alive if mode == "parallel" else mine)
                                 + tensor_peak_bytes(analysed_step))

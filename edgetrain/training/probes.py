@@ -1,4 +1,5 @@
-"""Probers: build one training phase, run a few steps at a given batch size, free it.
+"""Probers: build one training phase (edgetrain/training/phase.py), run a few steps at a given
+batch size, free it.
 
 The planner (edgetrain/memory/planner.py) measures these to predict each phase's peak.
 Inputs are random tensors of the phase's real input shape: memory depends on shapes, not values.
@@ -6,12 +7,9 @@ Inputs are random tensors of the phase's real input shape: memory depends on sha
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from edgetrain.memory.planner import PROBE_STEPS, Prober, fit_line, random_batch
-from edgetrain.models.network import build_head, build_module, build_network, set_checkpointing
 from edgetrain.models.split import ModulePlan
-from edgetrain.training.steps import greedy_step, make_optimizer
+from edgetrain.training.phase import Optim, Phase
 from edgetrain.units import format_bytes
 
 
@@ -25,15 +23,12 @@ def module_prober(ctx, k: int, plan: ModulePlan | None = None, tau: float | None
     cfg = ctx.config
 
     def prober(batch_size: int, checkpointing: bool) -> None:
-        module = build_module(ctx.spec, plan).to(ctx.device)
-        head = build_head(plan, ctx.num_classes).to(ctx.device)
-        set_checkpointing(module, checkpointing)
-        opt, _ = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
-                                cfg.momentum, cfg.weight_decay, PROBE_STEPS)
+        phase = Phase.module(ctx.spec, plan, ctx.num_classes, ctx.device, Optim.of(cfg),
+                             PROBE_STEPS, tau, checkpointing=checkpointing)
         for _ in range(PROBE_STEPS):
             x, y = random_batch(shape, batch_size, ctx.num_classes, ctx.device)
-            greedy_step(module, head, x, y, tau, 0.0, opt, keep_output=False)
-        del module, head, opt, x, y
+            phase.step(x, y, keep_output=False)
+        del phase, x, y
 
     return prober
 
@@ -45,19 +40,14 @@ def parallel_prober(ctx) -> Prober:
     shape = (info.in_channels, info.image_size, info.image_size)
 
     def prober(batch_size: int, checkpointing: bool) -> None:
-        parts = []
-        for plan in ctx.plans:
-            module = build_module(ctx.spec, plan).to(ctx.device)
-            head = build_head(plan, ctx.num_classes).to(ctx.device)
-            set_checkpointing(module, checkpointing)
-            opt, _ = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
-                                    cfg.momentum, cfg.weight_decay, PROBE_STEPS)
-            parts.append((module, head, opt))
+        phases = [Phase.module(ctx.spec, plan, ctx.num_classes, ctx.device, Optim.of(cfg),
+                               PROBE_STEPS, ctx.taus[k], checkpointing=checkpointing)
+                  for k, plan in enumerate(ctx.plans)]
         for _ in range(PROBE_STEPS):
             x, y = random_batch(shape, batch_size, ctx.num_classes, ctx.device)
-            for k, (module, head, opt) in enumerate(parts):
-                x, _ = greedy_step(module, head, x, y, ctx.taus[k], 0.0, opt)
-        del parts, x, y
+            for phase in phases:
+                x, _ = phase.step(x, y)
+        del phases, x, y
 
     return prober
 
@@ -68,16 +58,12 @@ def end_to_end_prober(ctx) -> Prober:
     shape = (info.in_channels, info.image_size, info.image_size)
 
     def prober(batch_size: int, checkpointing: bool) -> None:
-        network = build_network(ctx.spec, ctx.plans, ctx.num_classes).to(ctx.device)
-        set_checkpointing(network, checkpointing)
-        opt, _ = make_optimizer(network.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
-                                PROBE_STEPS)
+        phase = Phase.end_to_end(ctx.spec, ctx.plans, ctx.num_classes, ctx.device,
+                                 Optim.of(cfg), PROBE_STEPS, checkpointing=checkpointing)
         for _ in range(PROBE_STEPS):
             x, y = random_batch(shape, batch_size, ctx.num_classes, ctx.device)
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(network(x), y).backward()
-            opt.step()
-        del network, opt, x, y
+            phase.step(x, y)
+        del phase, x, y
 
     return prober
 

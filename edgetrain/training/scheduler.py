@@ -49,7 +49,6 @@ from edgetrain.models.network import (
     build_network,
     load_module_state,
     module_state,
-    set_checkpointing,
 )
 from edgetrain.models.resnet import ResNetSpec
 from edgetrain.models.split import ModulePlan
@@ -63,18 +62,17 @@ from edgetrain.training.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from edgetrain.training.phase import Optim, Phase
 from edgetrain.training.steps import (
     EpochStats,
     NonFiniteLossError,
     accumulate,
     evaluate,
     freeze,
-    greedy_step,
-    make_optimizer,
     set_train,
     test_half,
 )
-from edgetrain.training.transport import Multipliers, module_loss, tau_schedule
+from edgetrain.training.transport import Multipliers, tau_schedule
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
@@ -361,10 +359,13 @@ def train_one_module(ctx: Context, k: int, plan: ModulePlan, frozen: list[nn.Mod
     cfg = ctx.config
     ctx.meter.reset()
     start = time.perf_counter()
-    torch.manual_seed(cfg.seed * 1000 + k)
     # Only module k and its head are built: nothing else of the network is allocated.
-    module = build_module(ctx.spec, plan, cfg.init, cfg.init_gain).to(ctx.device)
-    head = build_head(plan, ctx.num_classes, cfg.init, cfg.init_gain).to(ctx.device)
+    phase = Phase.module(ctx.spec, plan, ctx.num_classes, ctx.device, Optim.of(cfg, ctx.lr(k)),
+                         ctx.epochs_per_lap * steps_per_epoch(ctx, k), ctx.taus[k],
+                         init=cfg.init, gain=cfg.init_gain, seed=cfg.seed * 1000 + k,
+                         checkpointing=ctx.checkpointing(k),
+                         label_smoothing=cfg.label_smoothing)
+    module, head = phase.model, phase.head
     if ctx.lap > 0:
         # A later lap continues from the module's weights of the lap before.
         saved, saved_head = load_module(ctx, k)
@@ -374,9 +375,10 @@ def train_one_module(ctx: Context, k: int, plan: ModulePlan, frozen: list[nn.Mod
         set_train(module, head)
         module.requires_grad_(True)
         head.requires_grad_(True)
-    set_checkpointing(module, ctx.checkpointing(k))
     train = ctx.train_module_with or train_module_torch
-    test_acc = train(ctx, k, module, head, frozen)
+    test_acc = train(ctx, k, phase, frozen)
+    # The optimiser's momentum buffers (as large as the weights) go before caching starts.
+    del phase
     train_peak = ctx.meter.read().peak_bytes
     train_time = time.perf_counter() - start
 
@@ -435,18 +437,17 @@ def ensure_cache(ctx: Context, k: int) -> None:
     del stages, head
 
 
-def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
-                       frozen: list[nn.Module]) -> float | None:
-    """Train module ``k`` and its head with torch autograd; return the head's last test
-    accuracy (None if not evaluated)."""
+def train_module_torch(ctx: Context, k: int, phase: Phase, frozen: list[nn.Module]
+                       ) -> float | None:
+    """Train module ``k`` and its head (``phase``) with torch autograd; return the head's last
+    test accuracy (None if not evaluated)."""
     cfg = ctx.config
+    module, head, opt, sched = phase.model, phase.head, phase.opt, phase.sched
     epochs = ctx.epochs_per_lap
     # Data order and augmentation are seeded by the epoch counted over all laps, so each lap
     # sees new orders (and one lap draws exactly what it always did).
     offset = ctx.lap * epochs
     steps = epochs * steps_per_epoch(ctx, k)
-    opt, sched = make_optimizer([*module.parameters(), *head.parameters()], ctx.lr(k),
-                                cfg.momentum, cfg.weight_decay, steps, cfg.lr_schedule)
     test_acc = None
     multipliers = Multipliers() if cfg.tau_schedule == "multipliers" else None
     parts, optimizers = {"module": module, "head": head}, {"opt": (opt, sched)}
@@ -462,9 +463,7 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
             stats = EpochStats()
             for step, (x, y) in enumerate(module_inputs(ctx, k, True, offset + epoch, frozen)):
                 tau = multipliers.tau if multipliers is not None else ctx.taus[k]
-                _, numbers = greedy_step(module, head, x, y, tau, cfg.label_smoothing,
-                                         opt, ctx.micro_batch(k), keep_output=False)
-                sched.step()
+                _, numbers = phase.step(x, y, ctx.micro_batch(k), keep_output=False, tau=tau)
                 accumulate_or_stop(stats, numbers, len(y), k, epoch, step)
                 if multipliers is not None:
                     multipliers.update(float(numbers["ce"]))
@@ -478,7 +477,6 @@ def train_module_torch(ctx: Context, k: int, module: nn.Module, head: nn.Module,
                         **({"lap": ctx.lap} if cfg.laps > 1 else {}),
                         **({"tau": multipliers.tau} if multipliers is not None else {}),
                         **stats.as_dict())
-    # The optimizer (momentum buffers as large as the weights) dies with this frame.
     return test_acc
 
 
@@ -509,16 +507,14 @@ def train_parallel(ctx: Context) -> list[dict]:
         return [done[k] for k in range(len(ctx.plans))]
     ctx.meter.reset()
     start = time.perf_counter()
-    modules, heads, optimizers = [], [], []
     steps = cfg.epochs * steps_per_epoch(ctx)
-    for k, plan in enumerate(ctx.plans):
-        torch.manual_seed(cfg.seed * 1000 + k)
-        modules.append(build_module(ctx.spec, plan, cfg.init, cfg.init_gain).to(ctx.device))
-        set_checkpointing(modules[-1], ctx.checkpointing(0))
-        heads.append(build_head(plan, ctx.num_classes, cfg.init, cfg.init_gain).to(ctx.device))
-        optimizers.append(make_optimizer([*modules[k].parameters(), *heads[k].parameters()],
-                                         cfg.lr, cfg.momentum, cfg.weight_decay, steps,
-                                         cfg.lr_schedule))
+    phases = [Phase.module(ctx.spec, plan, ctx.num_classes, ctx.device, Optim.of(cfg), steps,
+                           ctx.taus[k], init=cfg.init, gain=cfg.init_gain,
+                           seed=cfg.seed * 1000 + k, checkpointing=ctx.checkpointing(0),
+                           label_smoothing=cfg.label_smoothing)
+              for k, plan in enumerate(ctx.plans)]
+    modules, heads = [p.model for p in phases], [p.head for p in phases]
+    optimizers = [(p.opt, p.sched) for p in phases]
     accuracies: list[float | None] = [None] * len(modules)
     halves: list[float | None] = [None] * len(modules)
     multipliers = ([Multipliers() for _ in modules] if cfg.tau_schedule == "multipliers"
@@ -534,14 +530,11 @@ def train_parallel(ctx: Context) -> list[dict]:
             set_train(*modules, *heads)
             stats = [EpochStats() for _ in modules]
             for step, (x, y) in enumerate(raw_batches(ctx, True, True, epoch, epoch)):
-                for k, (module, head, (opt, sched)) in enumerate(
-                        zip(modules, heads, optimizers)):
+                for k, phase in enumerate(phases):
                     # Module k's backward runs (and frees its activations) before module k+1's
                     # forward: one module's activations are alive at a time.
                     tau = multipliers[k].tau if multipliers is not None else ctx.taus[k]
-                    x, numbers = greedy_step(module, head, x, y, tau, cfg.label_smoothing, opt,
-                                             ctx.micro_batch(0))
-                    sched.step()
+                    x, numbers = phase.step(x, y, ctx.micro_batch(0), tau=tau)
                     accumulate_or_stop(stats[k], numbers, len(y), k, epoch, step)
                     if multipliers is not None:
                         multipliers[k].update(float(numbers["ce"]))
@@ -582,13 +575,12 @@ def train_parallel(ctx: Context) -> list[dict]:
 def train_end_to_end(ctx: Context) -> StitchedNetwork:
     cfg = ctx.config
     ctx.meter.reset()
-    torch.manual_seed(cfg.seed * 1000)
-    network = build_network(ctx.spec, ctx.plans, ctx.num_classes, cfg.init,
-                            cfg.init_gain).to(ctx.device)
-    set_checkpointing(network, ctx.checkpointing(0))
     steps = cfg.epochs * steps_per_epoch(ctx)
-    opt, sched = make_optimizer(network.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay,
-                                steps, cfg.lr_schedule)
+    phase = Phase.end_to_end(ctx.spec, ctx.plans, ctx.num_classes, ctx.device, Optim.of(cfg),
+                             steps, init=cfg.init, gain=cfg.init_gain, seed=cfg.seed * 1000,
+                             checkpointing=ctx.checkpointing(0),
+                             label_smoothing=cfg.label_smoothing)
+    network, opt, sched = phase.model, phase.opt, phase.sched
     first = _resume_point(ctx, "e2e", {"network": network}, {"opt": (opt, sched)})
     with ctx.bars.task("end to end", total=steps) as update:
         update(advance=first * steps_per_epoch(ctx))
@@ -596,9 +588,7 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
             network.train()
             stats = EpochStats()
             for step, (x, y) in enumerate(raw_batches(ctx, True, True, epoch, epoch)):
-                numbers = end_to_end_step(network, x, y, cfg.label_smoothing, opt,
-                                          ctx.micro_batch(0))
-                sched.step()
+                _, numbers = phase.step(x, y, ctx.micro_batch(0))
                 accumulate_or_stop(stats, numbers, len(y), None, epoch, step)
                 update(status=f"epoch {epoch + 1}/{cfg.epochs}")
             accuracy = half = None
@@ -613,27 +603,6 @@ def train_end_to_end(ctx: Context) -> StitchedNetwork:
                         test_accuracy=accuracy, test_accuracy_half=half, **stats.as_dict())
     ctx.run.log("phase", name="e2e", peak_memory_bytes=ctx.meter.read().peak_bytes)
     return network
-
-
-def end_to_end_step(network: StitchedNetwork, x: torch.Tensor, y: torch.Tensor,
-                    label_smoothing: float, opt, micro_batch: int | None) -> dict:
-    """One end-to-end update, accumulated over micro-batches if the planner asked for it."""
-    opt.zero_grad(set_to_none=True)
-    n = len(y)
-    size = micro_batch if micro_batch and micro_batch < n else n
-    sums = {"loss": 0.0, "ce": 0.0, "transport": torch.zeros(()), "correct": 0}
-    for xs, ys in zip(x.split(size), y.split(size)):
-        # Peak memory: every layer's activations are alive here, at the end of forward.
-        logits = network(xs)
-        loss, _ = module_loss(logits, ys, logits.new_zeros(()), float("inf"), label_smoothing)
-        share = len(ys) / n
-        (loss * share if share < 1 else loss).backward()
-        sums["loss"] += loss.detach() * share
-        sums["ce"] += loss.detach() * share
-        sums["correct"] += (logits.argmax(1) == ys).sum()
-        del logits, loss
-    opt.step()
-    return sums
 
 
 class _Whole(nn.Module):

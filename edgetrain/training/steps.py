@@ -99,6 +99,27 @@ def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Te
     return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)), sums
 
 
+def end_to_end_step(network: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    label_smoothing: float, opt, micro_batch: int | None) -> dict:
+    """One end-to-end update, accumulated over micro-batches if the planner asked for it."""
+    opt.zero_grad(set_to_none=True)
+    n = len(y)
+    size = micro_batch if micro_batch and micro_batch < n else n
+    sums = {"loss": 0.0, "ce": 0.0, "transport": torch.zeros(()), "correct": 0}
+    for xs, ys in zip(x.split(size), y.split(size)):
+        # Peak memory: every layer's activations are alive here, at the end of forward.
+        logits = network(xs)
+        loss, _ = module_loss(logits, ys, logits.new_zeros(()), float("inf"), label_smoothing)
+        share = len(ys) / n
+        (loss * share if share < 1 else loss).backward()
+        sums["loss"] += loss.detach() * share
+        sums["ce"] += loss.detach() * share
+        sums["correct"] += (logits.argmax(1) == ys).sum()
+        del logits, loss
+    opt.step()
+    return sums
+
+
 def accumulate(stats: EpochStats, numbers: dict, batch: int) -> None:
     loss = float(numbers["loss"])
     if not math.isfinite(loss):
