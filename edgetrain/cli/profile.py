@@ -14,7 +14,9 @@ from edgetrain.units import format_bytes
 
 
 def profile(
-    model: Annotated[str, typer.Option(help="resnet8/14/20/32/44/56/110.")] = "resnet56",
+    model: Annotated[str, typer.Option(
+        help="Any fit --model: resnet8 ... resnet110, vgg11/16/19, vit-tiny/small, "
+             "tv-resnet18/34/50, tv-mobilenet_v2.")] = "resnet56",
     widths: Annotated[str, typer.Option(help="Channels per stage.")] = "16,32,64",
     dataset: Annotated[str, typer.Option(help="Dataset (as for fit).")] = "fashion-mnist",
     data_dir: Annotated[Path | None, typer.Option(help="Folder with dataset files.")] = None,
