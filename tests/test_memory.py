@@ -114,7 +114,7 @@ def _module_phase(batch_size=64):
             num_classes = 10
 
     class Config:
-        lr, momentum, weight_decay = 0.05, 0.9, 5e-4
+        lr, momentum, weight_decay, lr_schedule = 0.05, 0.9, 5e-4, "cosine"
 
     ctx = Context.__new__(Context)
     ctx.__dict__.update(config=Config, data=Data, spec=spec, plans=plans, taus=[0.5, 1.0],
