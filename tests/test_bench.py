@@ -15,8 +15,8 @@ from edgetrain.bench.grid import parse_preset
 from edgetrain.bench.report import latest_results, pareto_front
 from edgetrain.bench.runner import plan, training_memory_bytes
 from edgetrain.cli import app
-from edgetrain.devices import load_profile
 from edgetrain.errors import UserInputError
+from edgetrain.hardware.profiles import load_profile
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,9 @@ from typer.testing import CliRunner
 
 from edgetrain.cli import app
 from edgetrain.config import FitConfig
-from edgetrain.devices import (
+from edgetrain.errors import UserInputError
+from edgetrain.hardware.machine import Gpu, MachineInfo
+from edgetrain.hardware.profiles import (
     CACHE_DTYPES,
     DEVICE_TYPES,
     apply_profile,
@@ -17,8 +19,6 @@ from edgetrain.devices import (
     list_profiles,
     load_profile,
 )
-from edgetrain.errors import UserInputError
-from edgetrain.machine import Gpu, MachineInfo
 from edgetrain.units import MemorySize
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,9 +36,9 @@ from edgetrain.bench.grid import (
     load_preset,
     to_fit_config,
 )
-from edgetrain.devices import DeviceProfile, apply_profile, is_simulated, load_profile
 from edgetrain.errors import UserInputError
-from edgetrain.machine import MachineInfo, detect_machine
+from edgetrain.hardware.machine import MachineInfo, detect_machine
+from edgetrain.hardware.profiles import DeviceProfile, apply_profile, is_simulated, load_profile
 from edgetrain.memory import allocator
 from edgetrain.records import Fields, RecordError, read_jsonl
 from edgetrain.runs.files import append_line

@@ -1,5 +1,6 @@
 """The `edgetrain devices` and `edgetrain bench` commands (registered on the app in cli.py).
-They parse flags and call edgetrain.devices and edgetrain.bench; nothing else lives here."""
+They parse flags and call edgetrain.hardware.profiles and edgetrain.bench; nothing else lives
+here."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def devices(
     ] = None,
 ) -> None:
     """List the device profiles that `--device-profile NAME` applies, or show one in full."""
-    from edgetrain.devices import is_simulated, list_profiles, load_profile
-    from edgetrain.machine import detect_machine
+    from edgetrain.hardware.machine import detect_machine
+    from edgetrain.hardware.profiles import is_simulated, list_profiles, load_profile
 
     try:
         profiles = [load_profile(name)] if name else list_profiles()
@@ -188,8 +189,8 @@ def explicit_options(ctx: typer.Context) -> set[str]:
 def with_device_profile(config: FitConfig, name: str, ctx: typer.Context) -> FitConfig:
     """For `edgetrain fit --device-profile NAME`: ``config`` with the profile applied, the flags
     the user gave winning (fit's option names are FitConfig's field names)."""
-    from edgetrain.devices import apply_profile, is_simulated, load_profile
-    from edgetrain.machine import detect_machine
+    from edgetrain.hardware.machine import detect_machine
+    from edgetrain.hardware.profiles import apply_profile, is_simulated, load_profile
 
     profile = load_profile(name)
     return apply_profile(config, profile, explicit_options(ctx),

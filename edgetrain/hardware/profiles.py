@@ -23,7 +23,7 @@ from pathlib import Path
 
 from edgetrain.config import CACHE_DTYPES, FitConfig
 from edgetrain.errors import UserInputError
-from edgetrain.machine import MachineInfo
+from edgetrain.hardware.machine import MachineInfo
 from edgetrain.shipped import DEVICES, read_toml
 from edgetrain.units import MemorySize
 
