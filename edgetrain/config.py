@@ -62,6 +62,9 @@ class FitConfig:
     channels); VGG with BatchNorm vgg11/16/19 (9.2/14.7/20.0 M, about 30x resnet20's compute);
     vision transformers vit-tiny/vit-small (0.21/1.07 M, patch 4); torchvision's own
     tv-resnet18/34/50 and tv-mobilenet_v2 (11.2/21.3/23.5/2.2 M)."""
+    pretrained: Path | None = None
+    """A torchvision state dict (.pth/.pt, e.g. torchvision's ResNet18_Weights file) to start a
+    tv-* model from; its classifier is not used (each module trains its own head)."""
     widths: tuple[int, ...] = (16, 32, 64)
     """Channels of each stage (CIFAR ResNets only)."""
     modules: int | None = 4
@@ -208,6 +211,13 @@ class FitConfig:
         if self.model in MODELS and family(self.model) == "vit" and self.head != "dgl":
             problems.append(f"--head {self.head} applies to convolutional networks; --model "
                             f"{self.model} trains with its token head. Leave --head out.")
+        if self.pretrained is not None and not (self.model in MODELS
+                                                and family(self.model) == "torchvision"):
+            problems.append(f"--pretrained loads torchvision weights into the tv-* models "
+                            f"only, not --model {self.model}.")
+        elif self.pretrained is not None and not Path(self.pretrained).is_file():
+            problems.append(f"--pretrained {self.pretrained}: no such file. Give the path of a "
+                            "torchvision state dict (.pth).")
         if not resnet and self.shortcut != FitConfig.shortcut:
             problems.append(f"--shortcut applies to the CIFAR ResNets only, not to --model "
                             f"{self.model}. Leave --shortcut out.")

@@ -120,7 +120,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
             "in another --out.")
     spec = (CustomSpec(blocks, data.info.in_channels, data.info.image_size) if blocks is not None
             else network_spec(config.model, data.info.in_channels, data.info.image_size,
-                              config.widths, config.shortcut))
+                              config.widths, config.shortcut, config.pretrained))
     if problem := size_problem(config, spec, data.info, device):
         raise UserInputError(problem)
     meter = MemoryMeter(device)

@@ -318,3 +318,60 @@ def test_init_is_refused_for_user_blocks(tmp_path):
     with pytest.raises(UserInputError, match="--init does not apply"):
         et.fit(_user_blocks(), modules=2, init="orthogonal", out=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# --- torchvision weights through fit (--pretrained). ---
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory):
+    """A torchvision ResNet-18 state dict on disk, as a user would have one (random weights:
+    pretrained files cannot be downloaded here; the format is the same)."""
+    from torchvision import models
+
+    torch.manual_seed(0)
+    net = models.resnet18(weights=None)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(net.state_dict(), path)
+    return net, path
+
+
+def test_pretrained_modules_compute_what_torchvision_computes(resnet18_file):
+    """Every module built with --pretrained holds the file's tensors: chained, the modules
+    give torchvision's own forward of the same network, layer for layer."""
+    from edgetrain.models.families import network_spec
+    from edgetrain.models.torchvision_blocks import split_torchvision
+
+    net, path = resnet18_file
+    spec = network_spec("tv-resnet18", 3, 64, pretrained=path)
+    modules = [spec.build_module(a, b).eval() for a, b in ((0, 3), (3, 6), (6, 8))]
+    stem, blocks = split_torchvision(net.eval(), 3)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = stem(x)
+        for block in blocks:
+            expected = block(expected)[0]
+        got = x
+        for module in modules:
+            got = module(got, need_transport=False)[0]
+    assert torch.allclose(got, expected, atol=1e-5)
+    # One input channel (Fashion-MNIST): the first conv gets the sum of the RGB filters.
+    grey = network_spec("tv-resnet18", 1, 28, pretrained=path).build_module(0, 1)
+    assert torch.allclose(grey.stem[0].weight, net.conv1.weight.sum(1, keepdim=True))
+
+
+def test_pretrained_fit_and_its_bad_input(tmp_path, resnet18_file):
+    _, path = resnet18_file
+    out, result = _fit(tmp_path, "--model", "tv-resnet18", "--pretrained", str(path))
+    assert result.exit_code == 0, result.output
+    for args, needle in [
+        (["--model", "resnet20", "--pretrained", str(path)], "into the tv-* models only"),
+        (["--model", "tv-resnet18", "--pretrained", str(tmp_path / "none.pth")],
+         "no such file"),
+        (["--model", "tv-mobilenet_v2", "--pretrained", str(path)],
+         "is not a tv-mobilenet_v2 state dict"),
+        (["--model", "tv-resnet18", "--pretrained", __file__], "cannot be read as a torch"),
+    ]:
+        bad = tmp_path / "bad"
+        _, result = _fit(bad, *args)
+        assert result.exit_code == 2 and needle in result.output, (args, result.output)
+        assert "Traceback" not in result.output and not (bad / "run").exists()

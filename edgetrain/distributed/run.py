@@ -195,7 +195,7 @@ def _run(config: FitConfig, topo: Topology, framework_bytes: int,
     if data is None:
         data = DataBundle(_Elsewhere(n_train), _Elsewhere(n_test), info)
     spec = network_spec(config.model, info.in_channels, info.image_size, config.widths,
-                        config.shortcut)
+                        config.shortcut, config.pretrained)
     # The layout single-process `fit` would train (same split and heads for the same flags;
     # counted from shapes, so every rank computes the same one).
     costs = NetworkCosts.count(spec, info.image_size, info.num_classes,

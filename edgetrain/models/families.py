@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,8 +28,10 @@ from edgetrain.models.resnet import BlockSpec, ResNetSpec, init_weights, resnet_
 
 
 def network_spec(model: str, in_channels: int, image_size: int,
-                 widths: tuple[int, ...] | None = None, shortcut: str = "conv"):
-    """The spec of ``--model``: ``widths`` and ``shortcut`` apply to the CIFAR ResNets only."""
+                 widths: tuple[int, ...] | None = None, shortcut: str = "conv",
+                 pretrained: Path | None = None):
+    """The spec of ``--model``: ``widths`` and ``shortcut`` apply to the CIFAR ResNets only,
+    ``pretrained`` (a torchvision state dict) to torchvision's networks only."""
     if problems := model_problems(model, tuple(widths or DEFAULT_WIDTHS)):
         raise UserInputError(problems)
     kind = MODELS[model]
@@ -38,7 +41,7 @@ def network_spec(model: str, in_channels: int, image_size: int,
         return VGGSpec(model, in_channels)
     if kind == "vit":
         return ViTNetSpec(model, in_channels, image_size)
-    return TorchvisionSpec(model, in_channels)
+    return TorchvisionSpec(model, in_channels, pretrained)
 
 
 def _count_parameters(spec) -> int:
@@ -142,6 +145,8 @@ class TorchvisionSpec:
 
     name: str
     in_channels: int
+    pretrained: Path | None = None
+    """A torchvision state dict each module starts from (its own tensors only)."""
     head = "dgl"
 
     def _meta_parts(self) -> tuple[nn.Module, list[nn.Module]]:
@@ -185,7 +190,60 @@ class TorchvisionSpec:
         for m in module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.reset_running_stats()
+        if self.pretrained is not None:
+            self._load_pretrained(module, start, stop)
         return module
+
+    def _load_pretrained(self, module: BlockChain, start: int, stop: int) -> None:
+        """Copy this module's share of the pretrained state dict in: block i of the network is
+        the torchvision submodule at ``prefix`` (layer2.0, features.5, ...), and its tensors are
+        ``prefix.*`` in the file. A first conv for other than 3 input channels gets the sum of
+        the RGB filters (the usual start for grey images)."""
+        state = _read_state_dict(self.pretrained)
+        net_stem, net_blocks, names = self._meta_named_parts()
+
+        def file_name(meta_part: nn.Module, key: str) -> str:
+            owner, _, leaf = key.rpartition(".")
+            return names[id(meta_part.get_submodule(owner) if owner else meta_part)] + leaf
+
+        wanted: dict[str, str] = {}  # our name -> the file's name
+        if start == 0:
+            for key in module.stem.state_dict():
+                wanted[f"stem.{key}"] = file_name(net_stem, key)
+        for j, i in enumerate(range(start, stop)):
+            for key in module.blocks[j].state_dict():
+                wanted[f"blocks.{j}.{key}"] = file_name(net_blocks[i], key)
+        mine = module.state_dict()
+        missing = sorted(theirs for theirs in wanted.values() if theirs not in state)
+        if missing:
+            raise UserInputError(
+                f"--pretrained {self.pretrained} is not a {self.name} state dict: it lacks "
+                f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}. Give "
+                f"torchvision's {self.name.removeprefix('tv-')} weights.")
+        with torch.no_grad():
+            for ours, theirs in wanted.items():
+                value = state[theirs]
+                if value.shape != mine[ours].shape and value.dim() == 4 and \
+                        value.shape[1] == 3 and mine[ours].shape[1] == self.in_channels:
+                    value = value.sum(dim=1, keepdim=True).expand_as(mine[ours])
+                if value.shape != mine[ours].shape:
+                    raise UserInputError(
+                        f"--pretrained {self.pretrained}: {theirs} has shape "
+                        f"{tuple(value.shape)}, {self.name} needs {tuple(mine[ours].shape)}.")
+                mine[ours].copy_(value)
+
+    def _meta_named_parts(self):
+        """The meta network's stem and blocks (edgetrain's wrappers around torchvision's own
+        layers) and every torchvision layer's name in a state dict, with its dot."""
+        from torchvision import models
+
+        from edgetrain.models.torchvision_blocks import split_torchvision
+
+        with torch.device("meta"):
+            net = getattr(models, self.name.removeprefix("tv-"))(weights=None)
+            names = {id(m): f"{n}." for n, m in net.named_modules()}
+            stem, blocks = split_torchvision(net, 3)  # 3 channels: the file's own layers
+        return stem, blocks, names
 
 
 class CustomSpec:
@@ -284,6 +342,22 @@ class UserBlock(nn.Module):
             # Direct form: T(x) - x is kept for backward.
             return out, direct_energy(out - x)
         return out, None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torch file (tensors only: ``weights_only``), or a clear error."""
+    try:
+        # Memory-mapped: a module copies in its own tensors and only their pages are read, not
+        # the whole file (a ResNet-50's is 100 MB); the mapping goes with the dict.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a damaged file, another format: say which file and why
+        raise UserInputError(f"--pretrained {path} cannot be read as a torch state dict "
+                             f"({type(e).__name__}: {str(e)[:200]}).") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserInputError(f"--pretrained {path} holds no state dict of tensors.")
+    return state
 
 
 def _channels_and_stride(layer: nn.Module) -> tuple[int, int, int]:
