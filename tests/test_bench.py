@@ -374,8 +374,8 @@ def test_grid_vary_and_tag_expand_and_label_runs(tmp_path):
                       "grid": [{"methods": ["trgl"], "vary": {"tau": 3}}]}, tmp_path / "x.toml")
 
 
-def test_fidelity_pairs_trgl_with_vanilla_by_seed():
-    from edgetrain.bench.fidelity import paired_gaps
+def test_fidelity_pairs_trgl_with_vanilla_by_seed(tmp_path):
+    from edgetrain.bench.fidelity import paired_gaps, plot_fidelity
 
     def line(method, seed, acc, tau=None):
         config = {"seed": seed, "method": method, "modules": 4, **({"tau": tau} if tau else {})}
@@ -389,3 +389,8 @@ def test_fidelity_pairs_trgl_with_vanilla_by_seed():
     assert gaps[1.0].differences == pytest.approx((3.0, 2.0, 2.0))
     assert gaps[1.0].beyond_spread is True
     assert gaps[9.0].seeds == (0, 1) and gaps[9.0].beyond_spread is False
+    # The plot: written where pairs exist (a real PNG), nothing where none do.
+    assert plot_fidelity(results, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plot_fidelity(results[:3], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

@@ -18,6 +18,7 @@ import json
 import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 _NOT_CELL = ("seed", "method", "tau", "tau_schedule", "out", "overwrite", "resume")
 _SHOWN = ("dataset", "train_limit", "model", "modules", "mode", "epochs", "lr_schedule", "lr",
@@ -117,3 +118,37 @@ def fidelity_table(measured: list[dict]) -> list[str]:
     lines += ["", f"{len(positive)} of {len(gaps)} cells have TRGL above vanilla beyond the "
               "seed spread." if gaps else ""]
     return lines
+
+
+FIDELITY_PLOT = "fidelity.png"
+
+
+def plot_fidelity(measured: list[dict], path: Path) -> bool:
+    """TRGL - vanilla per cell: each seed's gap as a dot, the mean with +-2 standard errors,
+    and zero; False (nothing written) if no TRGL run has a vanilla partner."""
+    gaps = paired_gaps(measured)
+    if not gaps:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on boards and CI machines
+    import matplotlib.pyplot as plt
+
+    shown = [f for f in (*_SHOWN, "tau", "tau_schedule")
+             if len({json.dumps(g.cell.get(f)) for g in gaps}) > 1] or ["tau"]
+    labels = ["\n".join(f"{f} {g.cell.get(f)}" for f in shown) for g in gaps]
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.6 * len(gaps) + 2), 4.2))
+    for i, g in enumerate(gaps):
+        ax.scatter([i] * len(g.differences), g.differences, color="0.55", s=18, zorder=2)
+        spread = 2 * g.standard_error if len(g.differences) > 1 else 0.0
+        ax.errorbar(i, g.mean, yerr=spread, fmt="D", color="C3", capsize=6, zorder=3)
+    ax.axhline(0.0, color="0.3", linewidth=0.8)
+    ax.set_xticks(range(len(gaps)), labels)
+    ax.set_xlim(-0.7, len(gaps) - 0.3)
+    ax.set_ylabel("TRGL − vanilla test accuracy (points)")
+    ax.set_title("TRGL against vanilla greedy, paired by seed\n(dots: seeds; diamond: mean "
+                 "± 2 standard errors)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetrain.bench.fidelity import fidelity_table
+from edgetrain.bench.fidelity import FIDELITY_PLOT, fidelity_table, plot_fidelity
 from edgetrain.bench.runner import FINISHED, RESULTS, read_results
 from edgetrain.errors import UserInputError
 from edgetrain.units import format_bytes
@@ -77,6 +77,8 @@ def write_report(out: Path) -> ReportFiles:
     table_path, plot_path = out / TABLE, out / PLOT
     table_path.write_text(markdown_report(results))
     plot_memory_vs_accuracy(results, plot_path)
+    # A fidelity grid (TRGL and vanilla paired by seed) also gets its gaps plotted.
+    plot_fidelity([r for r in results if _measured(r)], out / FIDELITY_PLOT)
     finished = sum(r["status"] in FINISHED for r in results)
     return ReportFiles(table_path, plot_path, finished, len(results) - finished)
 
