@@ -8,6 +8,7 @@ budget has to hold.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,23 @@ def write_report(out: Path) -> ReportFiles:
     return ReportFiles(table_path, plot_path, finished, len(results) - finished)
 
 
+_SET_BY_GRID = {"method", "modules", "mode", "cache", "out", "overwrite", "extra",
+                "activation_checkpointing"}
+
+
+def varied_settings(results: list[dict]) -> list[str]:
+    """The fit settings that differ between the runs (seed, tau, head, data size ...), beyond
+    those the table shows anyway: each gets a column, so that every row says what it ran.
+
+    >>> varied_settings([{"config": {"seed": 0, "lr": 0.1}}, {"config": {"seed": 1, "lr": 0.1}}])
+    ['seed']
+    """
+    keys = sorted({k for r in results for k in r.get("config", {})} - _SET_BY_GRID)
+    return [k for k in keys
+            if len({json.dumps(r.get("config", {}).get(k), sort_keys=True)
+                    for r in results}) > 1]
+
+
 def _group(r: dict) -> tuple:
     """Runs compared with each other (and with one e2e baseline): same data and model."""
     return (r.get("dataset") or r["config"].get("dataset"), r.get("model"))
@@ -119,11 +137,14 @@ def markdown_report(results: list[dict]) -> str:
             "memory over the end-to-end run's, same data and model.", ""]
     columns = ["method", "K", "mode", "cache", "test acc", "peak memory", "training memory",
                "vs e2e", "wall time", "status"]
+    varied = varied_settings(results)
+    columns[4:4] = varied
     if len(datasets) > 1:
         columns.insert(0, "dataset")
     out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
-        row = [r["method"], _cell(r["modules"]), _cell(r["mode"]), _cell(r["cache"])]
+        row = [r["method"], _cell(r["modules"]), _cell(r["mode"]), _cell(r["cache"]),
+               *(_cell(r["config"].get(key)) for key in varied)]
         if _measured(r):
             base = baselines.get(_group(r))
             ratio = f"{r['training_memory_bytes'] / base:.2f}" if base else "–"
