@@ -248,6 +248,11 @@ class FitConfig:
                             ("--modules", self.modules), ("--cache-views", self.cache_views)):
             if value is not None and value < 1:
                 problems.append(f"{flag} must be at least 1 (got {value}).")
+        if self.memory_budget is not None and self.memory_budget.fraction is not None and \
+                self.distributed:
+            problems.append(f"--memory-budget {self.memory_budget} (a share of end-to-end "
+                            "training's need) is resolved by one process; with --distributed "
+                            "give each rank's budget as a size, e.g. 2GB.")
         if self.modules is None and self.memory_budget is None:
             problems.append("--modules auto picks the smallest K that fits the memory budget: "
                             "add --memory-budget (e.g. 2GB), or give K as a number.")

@@ -7,6 +7,7 @@ import platform
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import replace
 
 import torch
 
@@ -130,6 +131,11 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         from edgetrain.onnx.ort_training import train_module_ort
 
         ctx.train_module_with = train_module_ort  # the scheduler imports no backend
+    budget_reference = None
+    if config.memory_budget is not None and config.memory_budget.fraction is not None:
+        config, budget_reference = _resolve_relative_budget(ctx)
+        ctx.config = config
+        resolved["memory_budget_bytes"] = config.memory_budget.bytes
     # Probes (--modules auto, then the memory plan) measure each candidate module once.
     lines: dict = {}
     layout = _layout(ctx, stored, lines)
@@ -208,6 +214,8 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         "allocator": alloc.as_dict(),
         "memory_budget_bytes": config.memory_budget.bytes if config.memory_budget else None,
         "memory_budget": str(config.memory_budget) if config.memory_budget else None,
+        # --memory-budget 50%: what end-to-end training was probed to need, and the base.
+        "memory_budget_reference": budget_reference,
         "device_profile": config.extra.get("device_profile"),
         "simulated": config.extra.get("simulated"),
         "memory_plan": ctx.memory_plan.as_dict() if ctx.memory_plan else None,
@@ -320,6 +328,31 @@ def record_changes(run: RunDir, stored: FitConfig, config: FitConfig, config_jso
         # Its epoch checkpoint was made under the old value (the diverged lr, say): the module
         # in progress trains again from the start; finished modules stay as they are.
         run.remove("checkpoints")
+
+
+def _resolve_relative_budget(ctx: scheduler.Context) -> tuple[FitConfig, dict]:
+    """``--memory-budget 50%``: probe end-to-end training of this network at this batch (the
+    planner's own prober, in this process, before anything else is built) and take that share
+    of what it adds above the memory the process holds now (framework and data; on a GPU, the
+    allocator's count starts at 0). The budget then works as a size would."""
+    from edgetrain.memory.planner import fit_line
+    from edgetrain.models.split import plan_modules
+    from edgetrain.training.probes import end_to_end_prober
+
+    config = ctx.config
+    base = 0 if ctx.meter.backend == "cuda" else current_rss_bytes()
+    planned = ctx.plans
+    ctx.plans = plan_modules(ctx.spec, [len(ctx.spec.blocks)], ctx.data.info.image_size)
+    try:
+        fixed, per_sample, _ = fit_line(end_to_end_prober(ctx), config.batch_size, False,
+                                        ctx.meter)
+    finally:
+        ctx.plans = planned
+    e2e = int(fixed + per_sample * config.batch_size)
+    size = base + int(config.memory_budget.fraction * max(0, e2e - base))
+    reference = {"e2e_predicted_peak_bytes": e2e, "base_bytes": base,
+                 "fraction": config.memory_budget.fraction, "budget_bytes": size}
+    return replace(config, memory_budget=config.memory_budget.resolved(size)), reference
 
 
 def finished_report(ctx: scheduler.Context) -> dict | None:

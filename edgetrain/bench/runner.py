@@ -261,7 +261,8 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
         "cache": run.spec.cache,
         "fit_args": run.args,
         "config": run.spec.fit,
-        "memory_budget_bytes": run.memory_budget.bytes if run.memory_budget else None,
+        # A relative budget (50%) has its bytes once fit resolved it: taken from the report.
+        "memory_budget_bytes": (run.memory_budget.bytes or None) if run.memory_budget else None,
         "memory_budget": str(run.memory_budget) if run.memory_budget else None,
         "run_dir": str(run_dir),
         "started_at": started.isoformat(timespec="seconds"),
@@ -331,6 +332,9 @@ def result_fields(report: dict) -> dict:
         "device": report.get("device"),
         "device_name": report.get("device_name"),
         "torch_version": report.get("torch_version"),
+        # The budget in bytes as fit applied it (a relative one, 50%, is known only there).
+        **({"memory_budget_bytes": report["memory_budget_bytes"]}
+           if report.get("memory_budget_bytes") else {}),
     }
 
 

@@ -137,7 +137,11 @@ def load_profile_file(path: Path) -> DeviceProfile:
     for key in ("total_memory", "memory_budget"):
         if key in text:
             try:
-                sizes[key] = MemorySize.parse(text[key], flag=f"field {key!r}").bytes
+                size = MemorySize.parse(text[key], flag=f"field {key!r}")
+                if size.fraction is not None:  # a device has a size, not a share
+                    raise UserInputError(f"field {key!r} {text[key]!r} must be a size such as "
+                                         "2GB, not a share of end-to-end training's need.")
+                sizes[key] = size.bytes
             except UserInputError as e:
                 problems.append(str(e))
     if len(sizes) == 2 and sizes["memory_budget"] > sizes["total_memory"]:
