@@ -150,7 +150,8 @@ class FitConfig:
     """Continue the run in `out` from its last finished module or epoch checkpoint."""
     memory_budget: MemorySize | None = None
     """Memory the run may use, e.g. 2GB (10^9 bytes), 1.5GiB (2^30 bytes), 512MB or plain
-    bytes: the planner fits the run into it or refuses (see README, Memory)."""
+    bytes, or 50%: that share of what end-to-end training of this network at this batch needs
+    (probed first). The planner fits the run into it or refuses (see README, Memory)."""
     eval_every_epoch: bool = True
     """Evaluate each module's auxiliary test accuracy after every epoch (else only at the end)."""
     allow_changes: tuple[str, ...] = ()
