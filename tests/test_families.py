@@ -175,7 +175,8 @@ def test_family_fits_and_exports(tmp_path, name):
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     transports = [e["train_transport"] for e in epochs if e.get("event") == "epoch"]
     assert transports and all(t > 0 for t in transports)
-    exported = CliRunner().invoke(app, ["export", str(out)])
+    exported = CliRunner().invoke(app, ["export", str(out), "--out",
+                                        str(tmp_path / "model.onnx")])
     assert exported.exit_code == 0, exported.output
     assert "onnxruntime vs torch" in exported.output
 
@@ -256,7 +257,8 @@ def test_user_blocks_train_export_refused_and_reload(tmp_path):
     assert torch.equal(again(x), trained.network(x))
     with pytest.raises(UserInputError, match="network given from Python"):
         et.load(out)
-    exported = CliRunner().invoke(app, ["export", str(out)])
+    exported = CliRunner().invoke(app, ["export", str(out), "--out",
+                                        str(tmp_path / "model.onnx")])
     assert exported.exit_code != 0 and "edgetrain.api.load" in exported.output
     assert "Traceback" not in exported.output
 
