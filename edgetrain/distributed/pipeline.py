@@ -42,14 +42,14 @@ from edgetrain.distributed.replicas import (
 from edgetrain.distributed.stage import Stage, checkpoint_parts
 from edgetrain.distributed.topology import Topology, gather_all, talking
 from edgetrain.distributed.transport import Inbox, Outbox
-from edgetrain.models.network import build_head, build_module
 from edgetrain.training.checkpoints import (
     CheckpointDamagedError,
     NonFiniteWeightsError,
     load_checkpoint,
     save_checkpoint,
 )
-from edgetrain.training.steps import NonFiniteLossError, make_optimizer, test_half
+from edgetrain.training.phase import Optim, Phase
+from edgetrain.training.steps import NonFiniteLossError, test_half
 from edgetrain.training.transport import Multipliers
 
 CHECKPOINT = "parallel"
@@ -296,9 +296,9 @@ def _read_checkpoint(ctx) -> tuple[list[dict] | None, int]:
     parts, optimizers, built = {}, {}, []
     # Built on the CPU, weights only, to check and unpack the file: freed right after.
     for k, plan in enumerate(ctx.plans):
-        module, head = build_module(ctx.spec, plan), build_head(plan, ctx.num_classes)
-        opt, sched = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
-                                    cfg.momentum, cfg.weight_decay, steps, cfg.lr_schedule)
+        phase = Phase.module(ctx.spec, plan, ctx.num_classes, torch.device("cpu"),
+                             Optim.of(cfg), steps, ctx.taus[k])
+        module, head, opt, sched = phase.model, phase.head, phase.opt, phase.sched
         parts[f"module{k}"], parts[f"head{k}"] = module, head
         if cfg.tau_schedule == "multipliers":
             parts[f"multipliers{k}"] = Multipliers()

@@ -16,9 +16,8 @@ set flows through the pipeline in shards of the smallest micro-batch of all rank
 from __future__ import annotations
 
 from edgetrain.memory.planner import PROBE_STEPS, MemoryPlan, Prober, make_plan, random_batch
-from edgetrain.models.network import build_head, build_module, set_checkpointing
 from edgetrain.records import RecordError
-from edgetrain.training.steps import greedy_step, make_optimizer
+from edgetrain.training.phase import Optim, Phase
 
 
 def stage_prober(ctx, k: int, incoming: int, outgoing: int) -> Prober:
@@ -32,18 +31,15 @@ def stage_prober(ctx, k: int, incoming: int, outgoing: int) -> Prober:
     def prober(batch_size: int, checkpointing: bool) -> None:
         import torch
 
-        module = build_module(ctx.spec, plan).to(ctx.device)
-        head = build_head(plan, ctx.num_classes).to(ctx.device)
-        set_checkpointing(module, checkpointing)
-        opt, _ = make_optimizer([*module.parameters(), *head.parameters()], cfg.lr,
-                                cfg.momentum, cfg.weight_decay, PROBE_STEPS)
+        phase = Phase.module(ctx.spec, plan, ctx.num_classes, ctx.device, Optim.of(cfg),
+                             PROBE_STEPS, ctx.taus[k], checkpointing=checkpointing)
         held = [torch.randn(batch_size, *shape, device=ctx.device) for _ in range(incoming)]
         held += [torch.randn(batch_size, *out_shape, device=ctx.device)
                  for _ in range(outgoing)]
         for _ in range(PROBE_STEPS):
             x, y = random_batch(shape, batch_size, ctx.num_classes, ctx.device)
-            greedy_step(module, head, x, y, ctx.taus[k], 0.0, opt)
-        del module, head, opt, x, y, held
+            phase.step(x, y)
+        del phase, x, y, held
 
     return prober
 

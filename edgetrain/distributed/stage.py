@@ -1,9 +1,10 @@
 """One module and its head as one rank trains them, and the state that travels to rank 0.
 
-Both distributed modes train modules through :class:`Stage`: the pipeline (one stage per rank)
-and data-parallel sequential mode (every rank a replica of the module in training). The update
-itself is edgetrain's :func:`~edgetrain.training.steps.greedy_step`, unchanged; with replicas it
-is handed a :class:`~edgetrain.distributed.replicas.ReplicaSGD` instead of the plain SGD.
+The pipeline trains its modules through :class:`Stage` (one stage per rank; data-parallel
+sequential mode is not built yet). A stage is edgetrain's training phase
+(:class:`~edgetrain.training.phase.Phase`), built and stepped as single-process training does;
+with replicas its update goes through a :class:`~edgetrain.distributed.replicas.ReplicaSGD`
+instead of the plain SGD.
 """
 
 from __future__ import annotations
@@ -17,13 +18,11 @@ import torch
 
 from edgetrain.distributed.replicas import ReplicaSGD, reduce_sum
 from edgetrain.distributed.topology import Topology
-from edgetrain.models.network import build_head, build_module, set_checkpointing
+from edgetrain.training.phase import Optim, Phase
 from edgetrain.training.steps import (
     EpochStats,
     NonFiniteLossError,
     accumulate,
-    greedy_step,
-    make_optimizer,
 )
 from edgetrain.training.transport import Multipliers
 
@@ -62,17 +61,18 @@ class Stage:
         cfg = ctx.config
         self.ctx, self.k, self.topo = ctx, k, topo
         self.micro_batch = micro_batch
-        plan = ctx.plans[k]
-        torch.manual_seed(cfg.seed * 1000 + k)
-        self.module = build_module(ctx.spec, plan, cfg.init, cfg.init_gain).to(ctx.device)
-        set_checkpointing(self.module, checkpointing)
-        self.head = build_head(plan, ctx.num_classes, cfg.init, cfg.init_gain).to(ctx.device)
-        self.opt, self.sched = make_optimizer(
-            [*self.module.parameters(), *self.head.parameters()], cfg.lr, cfg.momentum,
-            cfg.weight_decay, total_steps, cfg.lr_schedule)
+        self.phase = Phase.module(ctx.spec, ctx.plans[k], ctx.num_classes, ctx.device,
+                                  Optim.of(cfg), total_steps, ctx.taus[k], init=cfg.init,
+                                  gain=cfg.init_gain, seed=cfg.seed * 1000 + k,
+                                  checkpointing=checkpointing,
+                                  label_smoothing=cfg.label_smoothing)
+        self.module, self.head = self.phase.model, self.phase.head
+        self.opt, self.sched = self.phase.opt, self.phase.sched
         self.multipliers = Multipliers() if cfg.tau_schedule == "multipliers" else None
-        self.step_opt = (ReplicaSGD(self.opt, [self.module, self.head], topo, micro_batch)
-                         if topo.replicas > 1 else self.opt)
+        if topo.replicas > 1:  # the update averages every replica's gradients first
+            self.phase.step_opt = ReplicaSGD(self.opt, [self.module, self.head], topo,
+                                             micro_batch)
+        self.step_opt = self.phase.step_opt
         self.timers = Timers()
 
     @property
@@ -86,7 +86,6 @@ class Stage:
         """One epoch over ``batches``: ``(x, y, shards)`` with this rank's shard (None where it
         is empty) and every replica's shard size. ``on_output`` gets each step's detached
         output (for the next stage)."""
-        cfg = self.ctx.config
         stats = EpochStats()
         self.module.train()
         self.head.train()
@@ -98,11 +97,9 @@ class Stage:
             numbers = None
             if x is None:
                 self.step_opt.empty_step()
+                self.sched.step()
             else:
-                out, numbers = greedy_step(self.module, self.head, x, y, self.tau,
-                                           cfg.label_smoothing, self.step_opt,
-                                           self.micro_batch)
-            self.sched.step()
+                out, numbers = self.phase.step(x, y, self.micro_batch, tau=self.tau)
             reduced = getattr(self.step_opt, "allreduce_s", 0.0) - reduced_before
             self.timers.compute_s += time.perf_counter() - start - reduced
             self.timers.allreduce_s += reduced

@@ -108,9 +108,10 @@ class ModelInfo:
                                  f"{len(spec.blocks)} were given.")
         return spec
 
-    def plans(self, blocks: list | None = None) -> list[ModulePlan]:
-        """The recorded split (whatever --split made it), not a recomputed one."""
-        return plan_modules(self.spec(blocks), [b - a for a, b in self.modules],
+    def plans(self, blocks: list | None = None, spec=None) -> list[ModulePlan]:
+        """The recorded split (whatever --split made it), not a recomputed one; ``spec``: the
+        one :meth:`spec` gave already (a network from Python is laid out once, not twice)."""
+        return plan_modules(spec or self.spec(blocks), [b - a for a, b in self.modules],
                             self.image_size, list(self.heads) or None)
 
 
@@ -150,7 +151,8 @@ def load_stitched(run_dir: Path, blocks: list | None = None
     """The deployable network of a run (modules in order + last head), in eval mode, on CPU.
     ``blocks``: a network given from Python, the same blocks again."""
     run, info, _ = open_run(run_dir, need=("model.safetensors",))
-    spec, plans = info.spec(blocks), info.plans(blocks)
+    spec = info.spec(blocks)
+    plans = info.plans(spec=spec)
     # model.json's sizes are checked against the weights' header before anything is built.
     with torch.device("meta"):
         expected = build_network(spec, plans, info.num_classes).state_dict()

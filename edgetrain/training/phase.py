@@ -54,6 +54,9 @@ class Phase:
         params = [*model.parameters(), *(head.parameters() if head is not None else ())]
         self.opt, self.sched = make_optimizer(params, optim.lr, optim.momentum,
                                               optim.weight_decay, total_steps, optim.schedule)
+        self.step_opt = self.opt
+        """What a step's update goes through: the SGD itself, or a wrapper around it (the
+        distributed replicas' ReplicaSGD averages every replica's gradients first)."""
 
     @classmethod
     def module(cls, spec, plan: ModulePlan, num_classes: int, device: torch.device,
@@ -89,13 +92,13 @@ class Phase:
         the next module (None end to end, or with ``keep_output=False``) and the step's
         numbers. ``tau``: this step's, where it changes during training (multipliers)."""
         if self.head is None:
-            numbers = end_to_end_step(self.model, x, y, self.label_smoothing, self.opt,
+            numbers = end_to_end_step(self.model, x, y, self.label_smoothing, self.step_opt,
                                       micro_batch)
             out = None
         else:
             out, numbers = greedy_step(self.model, self.head, x, y,
                                        self.tau if tau is None else tau, self.label_smoothing,
-                                       self.opt, micro_batch, keep_output)
+                                       self.step_opt, micro_batch, keep_output)
         self.sched.step()
         return out, numbers
 
