@@ -314,3 +314,49 @@ def test_cuda_tensors_are_cached(tmp_path: Path) -> None:
         ((read, read_labels),) = cache.batches(batch_size=10, shuffle=False)
     assert torch.equal(read, features.to(torch.bfloat16).cpu())
     assert torch.equal(read_labels, labels.cpu())
+
+
+def test_last_evaluation_writes_the_test_cache(tmp_path: Path, monkeypatch) -> None:
+    """Sequential mode: module k's last evaluation runs it over the test set with its final
+    weights in eval mode, which is what module k+1's test cache holds; it writes that cache on
+    the way, so the cache pass after training writes the training view only. Through a real
+    fit: every cache written once, and the test cache equal to the saved module's outputs."""
+    from edgetrain import api
+    from edgetrain.data import load_dataset, normalize
+    from edgetrain.runs.rundir import RunDir
+    from edgetrain.training import scheduler
+
+    written: list[str] = []
+    real_writer = scheduler.cache_writer
+
+    def counting_writer(ctx, k, split):
+        written.append(f"{k}/{split}")
+        return real_writer(ctx, k, split)
+
+    monkeypatch.setattr(scheduler, "cache_writer", counting_writer)
+    kept: dict[str, torch.Tensor] = {}
+    real_remove = RunDir.remove
+
+    def keep_test_cache(self, relative):
+        # Read module 0's test cache just before the run deletes it (the run's own cleanup).
+        directory = self.cache_dir(0, "test")
+        if "0" not in kept and relative in ("cache", "cache/module_0") and directory.exists():
+            with FeatureCache.open(directory) as cache:
+                kept["0"] = torch.cat([f for f, _ in cache.batches(1000, False, None)])
+        real_remove(self, relative)
+
+    monkeypatch.setattr(RunDir, "remove", keep_test_cache)
+    out = tmp_path / "run"
+    trained = api.fit(model="resnet8", widths=(8, 16, 16), modules=3, epochs=2,
+                      train_limit=300, test_limit=200, batch_size=64, threads=1,
+                      method="trgl", mode="sequential", cache="disk", out=out)
+    # Modules 1 and 2 cache their outputs: one training view and the test set each, once.
+    assert sorted(written) == ["0/test", "0/train_v0", "1/test", "1/train_v0"]
+    data = load_dataset(trained.report["dataset"], test_limit=200, train_limit=300)
+    stage = trained.network.stages[0].eval()
+    with torch.inference_mode():
+        expected = stage(normalize(data.test.images, data.info), need_transport=False)[0]
+    assert torch.equal(kept["0"], expected)
+    # The module's logged accuracy is the one the stitched network has at its last head.
+    assert trained.report["modules"][-1]["aux_test_accuracy"] == pytest.approx(
+        trained.report["test_accuracy"], abs=0.01)

@@ -15,7 +15,8 @@ from edgetrain.cache import cache_is_valid
 from edgetrain.cli import app
 from edgetrain.runs.weights import load_weights
 
-ARGS = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "3", "--epochs", "3",
+EPOCHS = 3
+ARGS = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "3", "--epochs", str(EPOCHS),
         "--train-limit", "1200", "--test-limit", "300", "--batch-size", "64", "--lr", "0.1",
         "--threads", "1", "--no-progress"]
 
@@ -78,13 +79,17 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("extra,point", [
     ((), "mid-module-2"),          # killed inside module 2: resumes from its epoch checkpoint
     ((), "after-module-1"),        # killed between modules: module 2 starts from cache 1
+    # Killed after module 1's last epoch (whose evaluation wrote test cache 1) and before the
+    # module was finished: the resumed run trains no epoch, so its cache pass writes the test
+    # split itself.
+    ((), "last-epoch-module-1"),
     (("--cache", "none"), "mid-module-2"),
     (("--mode", "parallel"), "mid-epochs"),
     (("--method", "e2e"), "mid-epochs"),
     (("--laps", "3"), "mid-lap-2"),    # killed in lap 2: module 1 was retrained, caches rebuilt
     # The multipliers' lambda (updated at step 50 of 57) lives in the epoch checkpoint.
     (("--mode", "parallel", "--tau-schedule", "multipliers"), "mid-epochs"),
-], ids=["seq-mid", "seq-between", "seq-nocache-mid", "parallel", "e2e", "laps",
+], ids=["seq-mid", "seq-between", "seq-last-epoch", "seq-nocache-mid", "parallel", "e2e", "laps",
         "multipliers"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, extra, point):
     conditions = {
@@ -92,6 +97,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, extra, po
                                        for e in ev),
         "after-module-1": lambda ev: any(e["event"] == "module" and e["module"] == 0
                                          for e in ev),
+        "last-epoch-module-1": lambda ev: any(e["event"] == "epoch" and e.get("module") == 0
+                                              and e["epoch"] == EPOCHS - 1 for e in ev),
         "mid-epochs": lambda ev: any(e["event"] == "epoch" for e in ev),
         "mid-lap-2": lambda ev: any(e["event"] == "module" and e.get("lap") == 1
                                     and e["module"] == 0 for e in ev),

@@ -32,7 +32,7 @@ import functools
 import gc
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -98,6 +98,9 @@ class Context:
     frozen) -> test accuracy or None``: None is torch autograd (train_module_torch). The
     caller passes ONNX Runtime's (edgetrain/onnx/ort_training.py) for --backend ort, so the
     scheduler never imports a backend."""
+    test_cached: set[tuple[int, int]] = field(default_factory=set)
+    """``(lap, module)`` steps whose test cache this process wrote during the module's last
+    evaluation (:func:`evaluate_module`), so the cache pass skips the test split."""
 
     @property
     def epochs_per_lap(self) -> int:
@@ -275,22 +278,37 @@ def module_inputs(ctx: Context, k: int, train: bool, epoch: int,
 # Caching
 # ---------------------------------------------------------------------------------------------
 
+def writes_cache(ctx: Context, k: int) -> bool:
+    """Module ``k``'s outputs are cached for module k+1 (sequential mode, --cache disk)."""
+    return (ctx.config.mode == "sequential" and ctx.config.cache == "disk"
+            and k < len(ctx.plans) - 1)
+
+
+def cache_writer(ctx: Context, k: int, split: str) -> CacheWriter:
+    plan = ctx.plans[k]
+    count = len(ctx.data.test if split == "test" else ctx.data.train)
+    return CacheWriter(ctx.run.cache_dir(k, split),
+                       (plan.out_channels, plan.out_size, plan.out_size), count,
+                       ctx.config.cache_dtype)
+
+
 @torch.inference_mode()
 def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module,
-                  upstream: list[nn.Module] | None = None) -> float:
+                  upstream: list[nn.Module] | None = None, test: bool = True) -> float | None:
     """Write module ``k``'s outputs for every cached training view and for the test set;
     return its head's test accuracy, computed on the way. ``upstream``: modules 1..k-1, to
     compute module k's input from raw data (rebuilding a cache) instead of reading cache k-1.
+    ``test=False``: the test split was written already (by the module's last evaluation);
+    return None.
 
     View 0 is the un-augmented training set, view v > 0 a fixed random augmentation of it.
     A view of module k is computed from the same view of module k-1, so every module sees
     the same augmented images in one view.
     """
     cfg = ctx.config
-    plan = ctx.plans[k]
-    sample_shape = (plan.out_channels, plan.out_size, plan.out_size)
-    splits = [(f"train_v{v}", True, v) for v in range(cfg.cache_views)] + [("test", False, 0)]
-    accuracy = 0.0
+    splits = ([(f"train_v{v}", True, v) for v in range(cfg.cache_views)]
+              + ([("test", False, 0)] if test else []))
+    accuracy = None
     for split, train, view in splits:
         batch_size = ctx.inference_batch_size(k)
         if k == 0 or upstream:
@@ -306,9 +324,8 @@ def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module,
                                     batch_size=batch_size)
         count = len(ctx.data.train if train else ctx.data.test)
         correct = 0
-        directory = ctx.run.cache_dir(k, split)
         with ctx.bars.task(f"  cache {split:<9}", total=count) as update, \
-                CacheWriter(directory, sample_shape, count, cfg.cache_dtype) as writer:
+                cache_writer(ctx, k, split) as writer:
             for x, y in inputs:
                 out, _ = module(x, need_transport=False)
                 writer.append(out, y)
@@ -387,10 +404,14 @@ def train_one_module(ctx: Context, k: int, plan: ModulePlan, frozen: list[nn.Mod
     freeze(head)
     cache_time, cache_peak = 0.0, None
     last = ctx.epochs_per_lap - 1
-    if cfg.cache == "disk" and k < len(ctx.plans) - 1:
+    if writes_cache(ctx, k):
         ctx.meter.reset()
         t = time.perf_counter()
-        test_acc = cache_outputs(ctx, k, module, head)
+        # The last epoch's evaluation wrote the test split, unless that epoch ran in an
+        # earlier process (a resumed run): then it is written here.
+        tested = (ctx.lap, k) in ctx.test_cached
+        accuracy = cache_outputs(ctx, k, module, head, test=not tested)
+        test_acc = test_acc if tested else accuracy
         cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
     elif test_acc is None:
         test_acc, _ = evaluate_module(ctx, k, last, module, head, frozen, force=True)
@@ -490,8 +511,17 @@ def evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: n
         return None, None
     module.eval()
     head.eval()
-    result = evaluate([module], [head], module_inputs(ctx, k, False, epoch, frozen),
-                      ctx.test_half)
+    inputs = module_inputs(ctx, k, False, epoch, frozen)
+    if not (last_epoch and writes_cache(ctx, k)):
+        result = evaluate([module], [head], inputs, ctx.test_half)
+        return result.full[0], result.half[0]
+    # The last evaluation runs module k, with its final weights and in eval mode, over the
+    # test set: exactly the outputs module k+1's test cache holds. They are written on the
+    # way, and the cache pass after training skips the test split (one forward pass over the
+    # test set per module saved). Memory: one batch's outputs, cast to the cache dtype.
+    with cache_writer(ctx, k, "test") as writer:
+        result = evaluate([module], [head], inputs, ctx.test_half, sink=writer.append)
+    ctx.test_cached.add((ctx.lap, k))
     return result.full[0], result.half[0]
 
 

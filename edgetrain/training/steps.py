@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -153,12 +153,15 @@ def test_half(n: int, seed: int) -> torch.Tensor:
 @torch.inference_mode()
 def evaluate(stages: list[nn.Module], heads: list[nn.Module | None],
              batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-             half: torch.Tensor | None = None) -> Evaluation:
+             half: torch.Tensor | None = None,
+             sink: Callable[[torch.Tensor, torch.Tensor], object] | None = None) -> Evaluation:
     """Test accuracy of each head on the output of its stage, stages applied in order.
 
     ``heads[k]`` may be None where only the output matters. Batches come in test-set order
     (unshuffled), so sample i of the stream is test sample i of ``half``. inference_mode keeps
     no autograd state, so evaluation costs weights plus one batch's activations.
+    ``sink(output, labels)``, if given, receives the last stage's output of every batch (the
+    scheduler writes the next module's test cache with it: one forward pass, two uses).
     """
     correct = [0] * len(stages)
     correct_half = [0] * len(stages)
@@ -172,6 +175,8 @@ def evaluate(stages: list[nn.Module], heads: list[nn.Module | None],
                 correct[k] += int(right.sum())
                 if in_half is not None:
                     correct_half[k] += int((right & in_half).sum())
+        if sink is not None:
+            sink(x, y)
         seen += len(y)
         seen_half += int(in_half.sum()) if in_half is not None else 0
     full = [c / max(seen, 1) if h is not None else None for c, h in zip(correct, heads)]
