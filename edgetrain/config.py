@@ -159,12 +159,13 @@ class FitConfig:
     yet (e.g. lr after a diverged module, cache_dtype after a full disk); see RESUME_CHANGEABLE."""
     # --- issue 15: torch.distributed (edgetrain/distributed/; README, Distributed) ---
     distributed: bool = False
-    """Run as one process of a torch.distributed job started by torchrun, with --mode
-    parallel: each module on its own process (a pipeline; README, Distributed). --mode
-    sequential (each module data-parallel on every process) is not available yet."""
+    """Run as one process of a torch.distributed job started by torchrun: with --mode
+    parallel each module on its own process (a pipeline), with --mode sequential each module
+    in turn data-parallel on every process (README, Distributed)."""
     replicas: int = 1
     """With --distributed: data-parallel replicas of each module, each training on
-    batch-size/replicas samples of every batch (the job has modules x replicas processes)."""
+    batch-size/replicas samples of every batch (--mode parallel: the job has modules x
+    replicas processes; --mode sequential: replicas processes)."""
     in_flight: int = 1
     """With --distributed --mode parallel: batches a stage may have sent that the next stage
     has not taken yet (1 is the single-process schedule; more overlaps more and holds one
@@ -172,7 +173,8 @@ class FitConfig:
     dist_timeout: float = 300.0
     """With --distributed: seconds a rank waits for another (a batch, a gradient, a barrier)
     before it stops the job with an error naming that rank. Must exceed the longest time one
-    rank works alone (rank 0 writing a checkpoint or the final files)."""
+    rank works alone (rank 0 writing a checkpoint or the final files; in --mode sequential,
+    rank 0 writing a module's feature cache: one forward pass over the data)."""
     # --- end issue 15 ---
     extra: dict = field(default_factory=dict)
     """Free-form fields tools may record (not used by training)."""
@@ -367,13 +369,10 @@ class FitConfig:
                             "training is not distributed.")
         if self.backend != "torch" or self.laps > 1:
             problems.append("--distributed runs with --backend torch and one lap (--laps 1).")
-        if self.mode != "parallel":
-            # edgetrain/distributed/sequential.py (each module data-parallel over every rank,
-            # the disk cache read from a shared folder) is not written yet.
-            problems.append("--distributed --mode sequential (each module data-parallel over "
-                            "every rank) is not available yet: use --distributed --mode "
-                            "parallel (a pipeline of modules; --replicas for data-parallel "
-                            "copies of it), or drop --distributed.")
+        if self.batch_growth != 1:
+            problems.append("--batch-growth applies to single-process sequential runs: every "
+                            "rank of a --distributed run trains at --batch-size / --replicas; "
+                            "drop it.")
         if self.in_flight != 1 and self.mode != "parallel":
             problems.append("--in-flight bounds the batches between pipeline stages: it "
                             "applies to --mode parallel only; drop it.")

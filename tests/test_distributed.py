@@ -261,6 +261,91 @@ def test_replicas_equal_single_process_at_the_same_global_batch(tmp_path, monkey
 
 
 # ---------------------------------------------------------------------------------------------
+# 2b. Sequential mode: each module in turn, data-parallel over every rank
+# ---------------------------------------------------------------------------------------------
+
+SEQUENTIAL = [*TINY[:TINY.index("--mode")], *TINY[TINY.index("--mode") + 2:], "--mode",
+              "sequential", "--modules", "2", "--lr", "0.02"]
+
+
+def assert_close_weights(out: Path, reference: Path) -> None:
+    """Every weight file of ``out`` equals ``reference``'s up to floating-point order
+    (BatchNorm's update counts exactly)."""
+    assert weight_files(out) == weight_files(reference)
+    for name in weight_files(out):
+        got, want = load_weights(out / name), load_weights(reference / name)
+        assert got.keys() == want.keys()
+        for key in want:
+            if want[key].is_floating_point():
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5,
+                                           msg=f"{name}: {key}")
+            else:
+                assert torch.equal(got[key], want[key]), f"{name}: {key}"
+
+
+@pytest.mark.parametrize("cache", ["disk", "none"])
+def test_sequential_replicas_equal_single_process_at_the_same_global_batch(
+        tmp_path, monkeypatch, cache):
+    """--mode sequential on 2 ranks: module 1, then module 2 (on the cache rank 0 wrote into
+    the shared --out, or on module 1 recomputed), each trained by both ranks on half of every
+    batch; against one process at the same batch in micro-batches of one rank's shard."""
+    from edgetrain.training import scheduler
+
+    args = [*SEQUENTIAL, "--cache", cache]
+    reference = tmp_path / "micro"
+    with monkeypatch.context() as patch:
+        patch.setattr(scheduler.Context, "micro_batch", lambda self, phase: 32)
+        result = invoke(*args, "--out", str(reference))
+    assert result.exit_code == 0, result.output
+
+    out = tmp_path / "run"
+    job = run_job(2, [*args, "--distributed", "--replicas", "2", "--out", str(out)],
+                  tmp_path / "logs")
+    assert_close_weights(out, reference)
+    report = json.loads((out / "report.json").read_text())
+    want = json.loads((reference / "report.json").read_text())
+    assert report["mode"] == "sequential" and len(report["modules"]) == 2
+    for got_module, want_module in zip(report["modules"], want["modules"]):
+        assert got_module["aux_test_accuracy"] == pytest.approx(
+            want_module["aux_test_accuracy"], abs=0.02)
+    layout = report["distributed"]
+    assert (layout["world_size"], layout["stages"], layout["replicas"]) == (2, 1, 2)
+    # Each rank stepped on its shard of every batch (240 = 3 x 64 + 48: shards 32 + 16 of
+    # the last), of both modules, both epochs.
+    assert [r["images"] for r in layout["ranks"]] == [2 * 2 * (3 * 32 + 32),
+                                                      2 * 2 * (3 * 32 + 16)]
+    assert all(r["allreduce_s"] > 0 for r in layout["ranks"])
+    assert not (out / "cache").exists() and not (out / "checkpoints").exists()
+    assert job.text(1) == ""  # rank 0 alone prints the report
+
+
+def test_sequential_killed_rank_then_resume_equals_the_uninterrupted_job(tmp_path):
+    """SIGKILL rank 1 while module 2 trains on rank 0's cache: the job stops naming it; the
+    whole job restarted with --resume keeps module 1 (and its cache), continues module 2 from
+    its epoch checkpoint, and ends with the uninterrupted job's weights bit for bit."""
+    args = [*SEQUENTIAL, "--epochs", "4", "--train-limit", "480", "--distributed",
+            "--replicas", "2", "--dist-timeout", "20"]
+    whole = tmp_path / "whole"
+    run_job(2, [*args, "--out", str(whole)], tmp_path / "logs-whole")
+
+    out = tmp_path / "run"
+    job = Job(2, [*args, "--out", str(out)], tmp_path / "logs")
+    deadline = time.monotonic() + WAIT_S
+    while not any(e["event"] == "epoch" and e.get("module") == 1 for e in events(out)):
+        assert all(p.poll() is None for p in job.procs), job.output()
+        assert time.monotonic() < deadline, job.output()
+        time.sleep(0.02)
+    os.kill(job.procs[1].pid, signal.SIGKILL)
+    assert job.wait(ranks=[0]) == [3], job.output()
+    assert "rank 1" in job.text(0), job.output()
+    assert not (out / "report.json").exists()
+
+    run_job(2, [*args, "--out", str(out), "--resume"], tmp_path / "logs-resume")
+    assert any(e["event"] == "resume" for e in events(out))
+    assert_same_weights(whole, out)
+
+
+# ---------------------------------------------------------------------------------------------
 # 3. A rank dies or hangs: the others stop in time, naming it; --resume finishes the run
 # ---------------------------------------------------------------------------------------------
 
@@ -355,11 +440,11 @@ def refused(result, *needles: str) -> str:
     (["--distributed", "--replicas", "3"], ["--batch-size 64 must be a multiple of --replicas 3"]),
     (["--distributed", "--method", "e2e"], ["--method trgl or vanilla"]),
     (["--distributed", "--laps", "2", "--mode", "sequential"], ["--laps 1"]),
-    (["--distributed", "--mode", "sequential"], ["--distributed --mode sequential",
-                                                 "--mode parallel"]),
+    (["--distributed", "--mode", "sequential", "--batch-growth", "2"],
+     ["--batch-growth applies to single-process"]),
     (["--distributed"], ["not started by a distributed launcher", "torchrun"]),
 ], ids=["replicas-alone", "in-flight-alone", "replicas-0", "in-flight-0", "timeout-0",
-        "batch-not-multiple", "e2e", "laps", "sequential", "no-launcher"])
+        "batch-not-multiple", "e2e", "laps", "sequential-batch-growth", "no-launcher"])
 def test_flags_that_make_no_sense_are_refused(tmp_path, monkeypatch, flags, needles):
     for variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(variable, raising=False)

@@ -6,8 +6,8 @@ replicas. Launched with torchrun; `edgetrain fit --distributed` dispatches here.
     replicas.py    data-parallel replicas: shards, one gradient all-reduce per step
     stage.py       one module as one rank trains it; the state that travels to rank 0
     pipeline.py    --mode parallel: the pipeline of modules
-    (sequential.py --mode sequential, each module data-parallel over every rank: not yet;
-                   FitConfig.validate refuses it)
+    sequential.py  --mode sequential: each module data-parallel over every rank, the
+                   disk cache written by rank 0 into the shared --out
     planning.py    --memory-budget per rank
     run.py         setup, rank 0's run folder, the report
     errors.py      LaunchError (exit 2), PeerError (exit 3)

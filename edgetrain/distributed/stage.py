@@ -1,7 +1,8 @@
 """One module and its head as one rank trains them, and the state that travels to rank 0.
 
-The pipeline trains its modules through :class:`Stage` (one stage per rank; data-parallel
-sequential mode is not built yet). A stage is edgetrain's training phase
+The pipeline trains its modules through :class:`Stage` (one stage per rank), and
+data-parallel sequential mode each module in turn (every rank a replica of it). A stage is
+edgetrain's training phase
 (:class:`~edgetrain.training.phase.Phase`), built and stepped as single-process training does;
 with replicas its update goes through a :class:`~edgetrain.distributed.replicas.ReplicaSGD`
 instead of the plain SGD.
@@ -99,7 +100,9 @@ class Stage:
                 self.step_opt.empty_step()
                 self.sched.step()
             else:
-                out, numbers = self.phase.step(x, y, self.micro_batch, tau=self.tau)
+                # The output is kept only for a next stage to receive (the pipeline).
+                out, numbers = self.phase.step(x, y, self.micro_batch,
+                                               keep_output=on_output is not None, tau=self.tau)
             reduced = getattr(self.step_opt, "allreduce_s", 0.0) - reduced_before
             self.timers.compute_s += time.perf_counter() - start - reduced
             self.timers.allreduce_s += reduced

@@ -1,0 +1,325 @@
+"""Sequential mode across processes: each module trained data-parallel over every rank.
+
+Single-process sequential mode (edgetrain/training/scheduler.py, ``train_sequential``) trains
+module 1 for E epochs, freezes it, caches its outputs, then module 2 on that cache, and so on.
+Here every rank is a replica of the one module in training (``--replicas`` = the world size):
+
+    for each module k:
+        every rank: module k built with the single-process run's seed (same initial weights)
+        for each epoch:
+            every rank: each batch exactly as one process draws it (raw data for module 1,
+                        cache k-1 for the others, same order and augmentation seeds), cut
+                        into R shards; this rank steps on its shard, the update averaged over
+                        the ranks first (replicas.ReplicaSGD: one all-reduce per step)
+            every rank: its shard of the test set; the accuracy summed over the ranks
+            rank 0:     the epoch checkpoint and the log line
+        rank 0:     cache k (every training view and the test set), modules/module_k, the
+                    "module" log line; the others wait at a barrier (--dist-timeout)
+    rank 0:     the stitched network, its test accuracy
+
+The result equals one process training at the same global batch in micro-batches of one
+rank's shard (BatchNorm normalises each shard on its own), up to the order of floating-point
+sums: what replicas.py shows for the pipeline's replicas holds here module by module.
+
+Where the cache lives: rank 0 writes it into ``--out``, and every rank reads its batches from
+there, so ``--out`` must be a folder every rank sees (one machine, or a shared file system).
+Each rank reads whole batches and keeps its shard (disk reads, R times; memory: one batch).
+
+Not parallel (yet): the cache pass. Rank 0 computes and writes it alone while the others
+wait, so --dist-timeout must exceed one forward pass over the training and test sets through
+one module. Multi-lap training, batch growth and the ORT backend are refused with
+--distributed (config.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from edgetrain.distributed.replicas import (
+    batch_sizes,
+    reduce_stats,
+    reduce_sum,
+    shard_size,
+    take_shard,
+)
+from edgetrain.distributed.stage import Saved, Stage, Timers
+from edgetrain.distributed.topology import Topology, barrier, gather_all, talking
+from edgetrain.training import scheduler
+from edgetrain.training.checkpoints import (
+    CheckpointDamagedError,
+    NonFiniteWeightsError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from edgetrain.training.phase import Optim, Phase
+from edgetrain.training.steps import NonFiniteLossError, freeze
+from edgetrain.training.transport import Multipliers
+
+
+def train_sequential_replicas(ctx, topo: Topology, micros: list[list[int]],
+                              checkpointing: list[bool]) -> dict:
+    """Train every module in turn on all ranks; rank 0 writes what single-process sequential
+    mode writes. Returns the outcome ``run._finish`` reports (the network and records on rank
+    0 only)."""
+    cfg = ctx.config
+    n_train = len(ctx.data.train)
+    sizes = batch_sizes(n_train, cfg.batch_size)
+    done = _finished(ctx, topo)
+    totals = Timers()
+    records: list[dict] = []
+    frozen: list[torch.nn.Module] = []  # --cache none: the trained modules, recomputed
+    start = time.perf_counter()
+    for k in range(len(ctx.plans)):
+        if k in done:
+            records.append(done[k])
+            _skip_finished(ctx, topo, k, done, frozen)
+            continue
+        ctx.meter.reset()
+        t = time.perf_counter()
+        # The replicas of module k agree on one micro-batch: the smallest any rank planned.
+        micro = min(m[k] for m in micros)
+        stage = Stage(ctx, k, topo, micro, cfg.epochs * len(sizes), checkpointing[k])
+        accuracy = _train_module(ctx, topo, stage, k, sizes, frozen)
+        _add(totals, stage.timers)
+        train_time, train_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
+        module, head = freeze(stage.module), freeze(stage.head)
+        del stage  # the optimizer's momentum goes before the cache pass
+        records.append(_finish_module(ctx, topo, k, module, head, accuracy, train_time,
+                                      train_peak))
+        if cfg.cache == "none":
+            frozen.append(module)
+        del module, head
+    if topo.rank == 0 and cfg.cache == "disk":
+        ctx.run.remove("cache")  # every rank has passed the last module's barrier
+    train_time = time.perf_counter() - start
+    network = accuracy = None
+    if topo.rank == 0:
+        stitched = scheduler.stitch(ctx)
+        accuracy = scheduler.test_accuracy(ctx, stitched)
+        network = stitched.state_dict()
+    images = n_train * cfg.epochs  # each image through the whole network, once per epoch
+    return {"kind": "sequential", "modules": records, "network": network,
+            "accuracy": accuracy, "images": images,
+            "rank": {"train_time_s": round(train_time, 3),
+                     "images_per_s": round(images / max(train_time, 1e-9), 1),
+                     "micro_batch": min(min(m) for m in micros),
+                     "checkpointing": any(checkpointing), **totals.as_dict(),
+                     "communication_wait_s": round(totals.allreduce_s + totals.sync_s, 3)}}
+
+
+def _train_module(ctx, topo: Topology, stage: Stage, k: int, sizes: list[int],
+                  frozen: list[torch.nn.Module]) -> float | None:
+    """Module k's epochs on this rank (from its epoch checkpoint, if any); returns the head's
+    last test accuracy (every rank has it)."""
+    cfg = ctx.config
+    shard = cfg.batch_size // topo.replicas
+    first = _start(ctx, topo, stage, k, len(sizes))
+    accuracy = None
+    with ctx.bars.task(f"module {k + 1}/{len(ctx.plans)} ({topo.world_size} ranks)",
+                       total=cfg.epochs * len(sizes)) as update:
+        update(advance=first * len(sizes))
+        for epoch in range(first, cfg.epochs):
+            batches = _shards(scheduler.module_inputs(ctx, k, True, epoch, frozen), shard,
+                              topo.replica, topo.replicas)
+            status = f"epoch {epoch + 1}/{cfg.epochs}"
+            stats = stage.train_epoch(batches, epoch,
+                                      progress=lambda status=status: update(status=status))
+            last = epoch == cfg.epochs - 1
+            full = half = None
+            if cfg.eval_every_epoch or last:
+                t = time.perf_counter()
+                full, half = _evaluate(ctx, topo, stage, k, epoch, frozen)
+                stage.timers.eval_s += time.perf_counter() - t
+            accuracy = full
+            t = time.perf_counter()
+            stats = reduce_stats(topo, stats)
+            _check_replicas_agree(topo, stage, k, epoch)
+            if topo.rank == 0:
+                _checkpoint(ctx, stage, k, epoch)
+                ctx.run.log("epoch", module=k, epoch=epoch, lr=stage.opt.lr,
+                            test_accuracy=full, test_accuracy_half=half,
+                            **({"tau": stage.multipliers.tau}
+                               if stage.multipliers is not None else {}),
+                            **stats.as_dict())
+            stage.timers.sync_s += time.perf_counter() - t
+    if first >= cfg.epochs:
+        # Resumed after the module's last epoch checkpoint: only its evaluation is missing.
+        accuracy, _ = _evaluate(ctx, topo, stage, k, cfg.epochs - 1, frozen)
+    return accuracy
+
+
+def _shards(batches, shard: int, replica: int, replicas: int):
+    """``(x, y, shards)`` of each whole batch: this rank's shard (None where it is empty) and
+    every replica's shard size, as :meth:`Stage.train_epoch` takes them."""
+    for x, y in batches:
+        shards = [shard_size(len(y), shard, i) for i in range(replicas)]
+        if shards[replica] == 0:
+            yield None, None, shards
+            continue
+        xs, ys = take_shard(x, y, shard, replica)
+        del x, y  # only the shard lives through the step
+        yield xs, ys, shards
+
+
+@torch.inference_mode()
+def _evaluate(ctx, topo: Topology, stage: Stage, k: int, epoch: int,
+              frozen: list[torch.nn.Module]) -> tuple[float, float]:
+    """Module k's head on the test set (whole, and the authors' fixed half): each rank its
+    shard of every test batch, the counts summed over the ranks."""
+    stage.module.eval()
+    stage.head.eval()
+    n_test = len(ctx.data.test)
+    batch = ctx.inference_batch_size(k)
+    shard = max(1, -(-batch // topo.replicas))
+    correct = correct_half = seen_half = seen = 0
+    for x, y in scheduler.module_inputs(ctx, k, False, epoch, frozen):
+        begin = seen + topo.replica * shard
+        xs, ys = take_shard(x, y, shard, topo.replica)
+        seen += len(y)
+        if len(ys) == 0:
+            continue
+        right = stage.head(stage.module(xs, need_transport=False)[0]).argmax(1) == ys
+        in_half = ctx.test_half[begin:begin + len(ys)].to(right.device)
+        correct += int(right.sum())
+        correct_half += int((right & in_half).sum())
+        seen_half += int(in_half.sum())
+    correct, correct_half, seen_half = reduce_sum(
+        topo, [correct, correct_half, seen_half], f"adding up module {k + 1}'s test accuracy")
+    return correct / max(n_test, 1), correct_half / max(seen_half, 1)
+
+
+def _check_replicas_agree(topo: Topology, stage: Stage, k: int, epoch: int) -> None:
+    if topo.replicas == 1:
+        return
+    digests = gather_all(topo, stage.digest(), "comparing the replicas' weights")
+    if len(set(digests)) > 1:  # an internal invariant: identical updates on identical weights
+        raise RuntimeError(f"the replicas of module {k + 1} hold different weights after "
+                           f"epoch {epoch + 1}")
+
+
+def _finish_module(ctx, topo: Topology, k: int, module, head, accuracy: float | None,
+                   train_time: float, train_peak: int) -> dict:
+    """Rank 0: cache k, the module file and its log line (single-process sequential mode's
+    order: a run killed before the log line redoes the module from its last checkpoint).
+    The other ranks wait for it."""
+    result = None
+    if topo.rank == 0:
+        cache_time, cache_peak = 0.0, None
+        if scheduler.writes_cache(ctx, k):
+            ctx.meter.reset()
+            t = time.perf_counter()
+            cached = scheduler.cache_outputs(ctx, k, module, head)
+            accuracy = cached if cached is not None else accuracy
+            cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
+        scheduler._save_module(ctx, k, module, head, ctx.config.epochs - 1,
+                               {"module": k, "lap": 0,
+                                "blocks": f"{ctx.plans[k].start}:{ctx.plans[k].stop}"})
+        result = {**scheduler._module_result(ctx, k, accuracy, train_time, train_peak,
+                                             cache_time, cache_peak),
+                  "ranks": list(range(topo.world_size))}
+        ctx.run.log("module", **result)
+        ctx.run.checkpoint_path(ctx.checkpoint_name(k)).unlink(missing_ok=True)
+        if k > 0:
+            ctx.run.remove(f"cache/module_{k - 1}")  # module k+1 reads only cache k
+    barrier(topo, f"rank 0 writing module {k + 1}'s cache and weights")
+    return result
+
+
+# -- resume: rank 0 reads, every rank learns ---------------------------------------------------
+
+def _finished(ctx, topo: Topology) -> dict[int, dict]:
+    """Modules an earlier run of this folder finished (rank 0 reads the log and checks the
+    files; every rank learns which)."""
+    done = {k: r for (lap, k), r in ctx.finished_modules().items() if lap == 0} \
+        if topo.rank == 0 and ctx.config.resume else {}
+    box = [done]
+    with talking(topo, "learning which modules are finished", 0):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _skip_finished(ctx, topo: Topology, k: int, done: dict, frozen: list) -> None:
+    """A module finished by an earlier run: with --cache none every rank needs its weights
+    (rank 0 sends them); with the disk cache, rank 0 checks (and if need be rebuilds) the
+    cache the next unfinished module reads."""
+    if ctx.config.cache == "none":
+        state = None
+        if topo.rank == 0:
+            module, _ = scheduler.load_module(ctx, k)
+            state = {n: t.cpu() for n, t in module.state_dict().items()}
+        box = [state]
+        with talking(topo, f"receiving finished module {k + 1}'s weights", 0):
+            dist.broadcast_object_list(box, src=0)
+        from edgetrain.models.network import build_module
+
+        module = build_module(ctx.spec, ctx.plans[k])
+        module.load_state_dict(box[0])
+        frozen.append(freeze(module.to(ctx.device)))
+        return
+    if topo.rank == 0 and k < len(ctx.plans) - 1 and k + 1 not in done:
+        scheduler.ensure_cache(ctx, k)
+    barrier(topo, f"rank 0 checking module {k + 1}'s cache")
+
+
+def _start(ctx, topo: Topology, stage: Stage, k: int, steps_per_epoch: int) -> int:
+    """The first epoch of module k: after its epoch checkpoint (rank 0 reads it, every rank
+    loads the same state), or 0."""
+    payload, first = None, 0
+    if topo.rank == 0:
+        payload, first = _read_checkpoint(ctx, k, steps_per_epoch)
+    box = [(first, payload)]
+    with talking(topo, f"learning where module {k + 1} starts", 0):
+        dist.broadcast_object_list(box, src=0)
+    first, payload = box[0]
+    if first > 0:
+        stage.load(payload)
+    return first
+
+
+def _read_checkpoint(ctx, k: int, steps_per_epoch: int) -> tuple[dict | None, int]:
+    """Module k's epoch checkpoint, in single-process sequential mode's format and name (so
+    either kind of run resumes the other's): its state and the epoch to continue from."""
+    cfg = ctx.config
+    path = ctx.run.checkpoint_path(ctx.checkpoint_name(k))
+    if not path.exists():
+        return None, 0
+    # Built on the CPU to check and unpack the file; freed when the payload is sent.
+    phase = Phase.module(ctx.spec, ctx.plans[k], ctx.num_classes, torch.device("cpu"),
+                         Optim.of(cfg), cfg.epochs * steps_per_epoch, ctx.taus[k])
+    parts = {"module": phase.model, "head": phase.head}
+    multipliers = Multipliers() if cfg.tau_schedule == "multipliers" else None
+    if multipliers is not None:
+        parts["multipliers"] = multipliers
+    try:
+        first = load_checkpoint(path, parts, {"opt": (phase.opt, phase.sched)},
+                                torch.device("cpu"), cfg.epochs, ctx.run.run_id) + 1
+    except CheckpointDamagedError as e:
+        ctx.run.log("checkpoint_discarded", phase=ctx.checkpoint_name(k), reason=str(e))
+        path.unlink()
+        return None, 0
+    ctx.run.log("resume", phase=ctx.checkpoint_name(k), epoch=first)
+    return {"module": phase.model.state_dict(), "head": phase.head.state_dict(),
+            "opt": phase.opt.state_dict(), "steps": phase.sched.step_count,
+            "multipliers": multipliers.state_dict() if multipliers else None}, first
+
+
+def _checkpoint(ctx, stage: Stage, k: int, epoch: int) -> None:
+    """Rank 0: module k's epoch checkpoint, as single-process sequential mode writes it."""
+    p = stage.payload()
+    parts = {"module": Saved(p["module"]), "head": Saved(p["head"])}
+    if p["multipliers"] is not None:
+        parts["multipliers"] = Saved(p["multipliers"])
+    try:
+        save_checkpoint(ctx.run.checkpoint_path(ctx.checkpoint_name(k)), epoch, parts,
+                        {"opt": (Saved(p["opt"]), Saved(step_count=p["steps"]))},
+                        ctx.run.run_id)
+    except NonFiniteWeightsError as e:
+        raise NonFiniteLossError(k, epoch, None, "non-finite weights", str(e)) from None
+
+
+def _add(totals: Timers, timers: Timers) -> None:
+    for name, value in vars(timers).items():
+        setattr(totals, name, getattr(totals, name) + value)
