@@ -4,6 +4,8 @@
     single-kK     one process, --mode parallel --modules K, --threads CORES
     pipe-kK       K ranks (torchrun), one module each, --threads CORES/K (at least 1)
     rep-kKrR      K x R ranks: the K-stage pipeline with R data-parallel replicas per stage
+    sseq-kK       one process, --mode sequential --modules K (disk cache)
+    seq-kKrR      R ranks, --mode sequential: each module in turn on all R, data-parallel
 
 Every run is `edgetrain fit` in fresh processes, on the loopback interface (gloo). The machine
 is shared and noisy, so layouts are interleaved round-robin over --rounds after one unrecorded
@@ -39,16 +41,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def layouts(spec: list[str]) -> dict[str, tuple[int, int, int]]:
-    """``single-k4 pipe-k2 rep-k2r2`` -> {name: (modules, processes, replicas)}."""
+def layouts(spec: list[str]) -> dict[str, tuple[int, int, int, str]]:
+    """``single-k4 pipe-k2 rep-k2r2 seq-k4r2`` -> {name: (modules, processes, replicas,
+    mode)}."""
     found = {}
     for name in spec:
         kind, _, rest = name.partition("-k")
         modules, _, replicas = rest.partition("r")
-        k, r = int(modules), int(replicas or 1)
-        if kind not in ("single", "pipe", "rep") or (kind != "rep" and replicas):
-            raise SystemExit(f"--layouts: {name!r} is not single-kK, pipe-kK or rep-kKrR")
-        found[name] = (k, 1 if kind == "single" else k * r, r)
+        try:
+            k, r = int(modules), int(replicas or 1)
+        except ValueError:
+            k = r = 0
+        if kind not in ("single", "pipe", "rep", "sseq", "seq") or k < 1 or r < 1 \
+                or (kind not in ("rep", "seq") and replicas):
+            raise SystemExit(f"--layouts: {name!r} is not single-kK, pipe-kK, rep-kKrR, "
+                             "sseq-kK or seq-kKrR")
+        mode = "sequential" if kind in ("sseq", "seq") else "parallel"
+        processes = {"single": 1, "sseq": 1, "pipe": k, "rep": k * r, "seq": r}[kind]
+        found[name] = (k, processes, r, mode)
     return found
 
 
@@ -79,15 +89,16 @@ def main() -> None:
         args.train_limit, args.test_limit = 512, 256
     chosen = layouts(args.layouts)
 
-    common = ["--model", args.model, "--dataset", args.dataset, "--mode", "parallel",
+    common = ["--model", args.model, "--dataset", args.dataset,
               "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
               "--seed", "0", "--no-progress"]
     for flag, value in (("--train-limit", args.train_limit), ("--test-limit", args.test_limit)):
         if value:
             common += [flag, str(value)]
     meta = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-            "fit_flags": common, "layouts": {n: dict(zip(("modules", "processes", "replicas"),
-                                                         v)) for n, v in chosen.items()},
+            "fit_flags": common,
+            "layouts": {n: dict(zip(("modules", "processes", "replicas", "mode"), v))
+                        for n, v in chosen.items()},
             "cores": args.cores, "in_flight": args.in_flight, "rounds": args.rounds,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine()}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -113,20 +124,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(name: str, layout: tuple[int, int, int], common: list[str], args) -> dict:
+def measure(name: str, layout: tuple[int, int, int, str], common: list[str], args) -> dict:
     """One run of ``layout`` in fresh processes: its report's throughput and accuracy."""
-    modules, processes, replicas = layout
+    modules, processes, replicas, mode = layout
     threads = max(1, args.cores // processes)
     out = Path(tempfile.mkdtemp(prefix="dist-throughput-"))
-    flags = [*common, "--modules", str(modules), "--threads", str(threads), "--out",
-             str(out / "run")]
+    flags = [*common, "--mode", mode, "--modules", str(modules), "--threads", str(threads),
+             "--out", str(out / "run")]
+    if mode == "sequential":
+        flags += ["--cache", "disk"]
     if processes == 1:
         cmd = [sys.executable, "-m", "edgetrain", "fit", *flags]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                str(processes), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", "edgetrain", "fit", *flags, "--distributed", "--replicas", str(replicas),
-               "--in-flight", str(args.in_flight)]
+               "-m", "edgetrain", "fit", *flags, "--distributed", "--replicas", str(replicas)]
+        if mode == "parallel":
+            cmd += ["--in-flight", str(args.in_flight)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
                                          if p)}
@@ -142,6 +156,7 @@ def measure(name: str, layout: tuple[int, int, int], common: list[str], args) ->
     images = report["train_samples"] * report["epochs"]
     ranks = (report.get("distributed") or {}).get("ranks", [])
     return {"layout": name, "modules": modules, "processes": processes, "replicas": replicas,
+            "mode": mode,
             "threads_per_process": threads, "elapsed_s": round(elapsed, 2),
             "wall_s": report["wall_time_s"],
             "images_per_s": round(images / report["wall_time_s"], 1),
@@ -170,16 +185,17 @@ def write(out: Path, meta: dict, runs: list[dict]) -> str:
                      "slowest_stage_compute_s": statistics.median(slowest)
                      if None not in slowest else None,
                      "peak_mib": statistics.median(r["peak_memory_bytes"] for r in mine) / 2**20})
-    # Against one process training the same split (same --modules): the pipeline's speed-up.
-    single = {r["modules"]: r["images_per_s"] for r in rows if r["processes"] == 1}
-    lines = ["| layout | modules | processes | replicas | images/s | vs single-kK | test acc | "
-             "slowest stage compute (s) | peak per rank (MiB) |", "|" + "---|" * 9]
+    # Against one process training the same split (same --modules) in the same mode.
+    single = {(r["modules"], r["mode"]): r["images_per_s"] for r in rows if r["processes"] == 1}
+    lines = ["| layout | mode | modules | processes | replicas | images/s | vs one process | "
+             "test acc | slowest stage compute (s) | peak per rank (MiB) |", "|" + "---|" * 10]
     for r in rows:
-        base = single.get(r["modules"])
+        base = single.get((r["modules"], r["mode"]))
         speed = f"{r['images_per_s'] / base:.2f}x" if base else "-"
         compute = f"{r['slowest_stage_compute_s']:.1f}" \
             if r["slowest_stage_compute_s"] is not None else "-"
-        lines.append(f"| {r['layout']} | {r['modules']} | {r['processes']} | {r['replicas']} | "
+        lines.append(f"| {r['layout']} | {r['mode']} | {r['modules']} | {r['processes']} | "
+                     f"{r['replicas']} | "
                      f"{r['images_per_s']:.1f} | {speed} | {r['test_accuracy']:.4f} | "
                      f"{compute} | {r['peak_mib']:.0f} |")
     table = "\n".join(lines)
