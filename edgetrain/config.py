@@ -60,7 +60,8 @@ class FitConfig:
     """The network, by family (parameters of the modules, 1-channel input): CIFAR ResNets
     resnet8/14/20/32/44/56/110 (resnet20 0.27 M, resnet56 0.85 M; --widths sets their
     channels); VGG with BatchNorm vgg11/16/19 (9.2/14.7/20.0 M, about 30x resnet20's compute);
-    vision transformers vit-tiny/vit-small (0.21/1.07 M, patch 4); torchvision's own
+    vision transformers vit-tiny/vit-small (0.21/1.07 M, patch 4) and the Swin-style
+    swin-tiny (0.16 M, patch 2, shifted windows, 2 stages); torchvision's own
     tv-resnet18/34/50 and tv-mobilenet_v2 (11.2/21.3/23.5/2.2 M)."""
     pretrained: Path | None = None
     """A torchvision state dict (.pth/.pt, e.g. torchvision's ResNet18_Weights file) to start a

@@ -55,6 +55,60 @@ def test_vit_block_energy_is_both_branches():
     assert set(VIT_PRESETS) >= {"vit-tiny"}
 
 
+def test_swin_block_attends_within_windows_and_penalises_both_branches():
+    """Without a shift, each w x w window is multi-head attention (torch's own, as reference)
+    with the learned relative-position bias added to its scores; the energy is both
+    branches'."""
+    from edgetrain.models.swin import SwinBlock
+
+    torch.manual_seed(0)
+    block = SwinBlock(dim=8, heads=2, side=4, window=2, shift=False, mlp_ratio=2)
+    with torch.no_grad():
+        block.bias_table.normal_()  # a bias that matters
+    x = torch.randn(3, 4, 4, 8)
+    out, energy = block(x, need_energy=True)
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(block.qkv.weight)
+        mha.in_proj_bias.copy_(block.qkv.bias)
+        mha.out_proj.weight.copy_(block.proj.weight)
+        mha.out_proj.bias.copy_(block.proj.bias)
+        bias = block.bias_table[block.bias_index].permute(2, 0, 1)  # [heads, T, T]
+        normed, a = block.norm1(x), torch.zeros_like(x)
+        for y0 in (0, 2):
+            for x0 in (0, 2):
+                window = normed[:, y0:y0 + 2, x0:x0 + 2].reshape(3, 4, 8)
+                # MultiheadAttention adds a float mask of [N x heads, T, T], batch-major.
+                got = mha(window, window, window, attn_mask=bias.repeat(3, 1, 1),
+                          need_weights=False)[0]
+                a[:, y0:y0 + 2, x0:x0 + 2] = got.reshape(3, 2, 2, 8)
+        m = block.fc2(F.gelu(block.fc1(block.norm2(x + a))))
+    assert torch.allclose(out, x + a + m, atol=1e-5)
+    assert torch.allclose(energy, (a ** 2).mean() + (m ** 2).mean(), rtol=1e-4)
+
+
+def test_swin_shifted_windows_never_mix_tokens_from_opposite_edges():
+    """With the shift, the grid is rolled by w/2 before windowing: a window then also holds
+    tokens from opposite edges, which must not attend to each other (the mask), while tokens
+    of one region still do."""
+    from edgetrain.models.swin import SwinBlock
+
+    torch.manual_seed(0)
+    block = SwinBlock(dim=8, heads=2, side=4, window=2, shift=True, mlp_ratio=2)
+    assert (block.w, block.shift) == (2, 1)
+    x = torch.randn(1, 4, 4, 8)
+    with torch.no_grad():
+        before = block.attention(x)
+        # (0, 0) and (3, 3) share a rolled window but come from opposite corners.
+        far = x.clone()
+        far[0, 0, 0] += 5.0
+        assert torch.allclose(block.attention(far)[0, 3, 3], before[0, 3, 3], atol=1e-6)
+        # (1, 1) and (2, 2) share a rolled window inside one region: they do attend.
+        near = x.clone()
+        near[0, 2, 2] += 5.0
+        assert not torch.allclose(block.attention(near)[0, 1, 1], before[0, 1, 1], atol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
 def test_torchvision_blocks_are_torchvision_with_the_branch_exposed(name):
     """Same output as torchvision's own forward, same BatchNorm statistics after it, the
@@ -96,7 +150,7 @@ def test_torchvision_blocks_are_torchvision_with_the_branch_exposed(name):
 
 # --- The families through edgetrain's own pipeline: split, modules, heads, fit, export. ---
 
-FAMILY_MODELS = ["vgg11", "vit-tiny", "tv-resnet18", "tv-mobilenet_v2"]
+FAMILY_MODELS = ["vgg11", "vit-tiny", "swin-tiny", "tv-resnet18", "tv-mobilenet_v2"]
 
 
 @pytest.mark.parametrize("name", [*FAMILY_MODELS, "vgg19", "vit-small", "tv-resnet50",

@@ -15,7 +15,7 @@ from edgetrain.units import format_bytes
 
 def profile(
     model: Annotated[str, typer.Option(
-        help="Any fit --model: resnet8 ... resnet110, vgg11/16/19, vit-tiny/small, "
+        help="Any fit --model: resnet8 ... resnet110, vgg11/16/19, vit-tiny/small, swin-tiny, "
              "tv-resnet18/34/50, tv-mobilenet_v2.")] = "resnet56",
     widths: Annotated[str, typer.Option(help="Channels per stage.")] = "16,32,64",
     dataset: Annotated[str, typer.Option(help="Dataset (as for fit).")] = "fashion-mnist",

@@ -15,7 +15,8 @@ DEFAULT_WIDTHS = (16, 32, 64)
 # Blocks (what K is cut from) of the other families: VGG conv layers, transformer blocks,
 # torchvision's residual blocks (MobileNetV2: 17 inverted residuals and the last 1x1 conv).
 VGG_LAYERS = {"vgg11": 8, "vgg16": 13, "vgg19": 16}
-VIT_DEPTHS = {"vit-tiny": 6, "vit-small": 8}
+VIT_DEPTHS = {"vit-tiny": 6, "vit-small": 8, "swin-tiny": 7}
+"""Vision transformers: ViTs' blocks; Swin's blocks and patch mergings (2 + 1 + 4)."""
 TORCHVISION_BLOCKS = {"tv-resnet18": 8, "tv-resnet34": 16, "tv-resnet50": 16,
                       "tv-mobilenet_v2": 18}
 MODELS = {**{n: "resnet" for n in RESNET_DEPTHS}, **{n: "vgg" for n in VGG_LAYERS},
@@ -34,7 +35,8 @@ HEAD_CHOICES = (*HEADS, "auto")
 
 
 def family(model: str) -> str:
-    """``resnet``, ``vgg``, ``vit`` or ``torchvision``.
+    """``resnet``, ``vgg``, ``vit`` (the vision transformers, Swin included) or
+    ``torchvision``.
 
     >>> family("vgg16"), family("tv-resnet18")
     ('vgg', 'torchvision')

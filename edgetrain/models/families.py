@@ -40,6 +40,8 @@ def network_spec(model: str, in_channels: int, image_size: int,
     if kind == "vgg":
         return VGGSpec(model, in_channels)
     if kind == "vit":
+        if model.startswith("swin"):
+            return SwinNetSpec(model, in_channels, image_size)
         return ViTNetSpec(model, in_channels, image_size)
     return TorchvisionSpec(model, in_channels, pretrained)
 
@@ -132,6 +134,59 @@ class ViTNetSpec:
 
         stem = PatchEmbedding(self.in_channels, self.image_size, self.vit) if start == 0 else None
         module = ViTModule(stem, [ViTBlock(self.vit) for _ in range(start, stop)], self.vit)
+        init_weights(module, init, gain)
+        return module
+
+
+@dataclass(frozen=True)
+class SwinNetSpec:
+    """A Swin-style hierarchical transformer preset (edgetrain/models/swin.py): the patch
+    embedding is module 1's stem; the blocks are the transformer blocks and, opening every
+    stage after the first, the patch merging (stride 2)."""
+
+    name: str
+    in_channels: int
+    image_size: int
+    head = "token"
+
+    @property
+    def swin(self):
+        from edgetrain.models.swin import SWIN_PRESETS
+
+        return SWIN_PRESETS[self.name]
+
+    def __post_init__(self):
+        swin = self.swin
+        sides = [self.image_size // swin.patch // 2 ** s for s in range(len(swin.dims))]
+        if self.image_size % swin.patch or any(side % 2 for side in sides[:-1]) \
+                or sides[-1] < 1:
+            need = swin.patch * 2 ** (len(swin.dims) - 1)
+            raise UserInputError(
+                f"--model {self.name} cuts images into {swin.patch}x{swin.patch} patches and "
+                f"halves the token grid {len(swin.dims) - 1} time(s), but the images are "
+                f"{self.image_size} px; choose --image-size a multiple of {need}.")
+
+    @property
+    def blocks(self) -> tuple[BlockSpec, ...]:
+        return tuple(BlockSpec(d_in, d_out, 2 if kind == "merge" else 1)
+                     for kind, _, d_in, d_out in self.swin.layers())
+
+    def stem_size(self, image_size: int) -> int:
+        return image_size // self.swin.patch
+
+    def stem_cost(self, image_size: int) -> float:
+        return float(self.swin.dims[0] * self.stem_size(image_size) ** 2)
+
+    def parameter_count(self) -> int:
+        return _count_parameters(self)
+
+    def build_module(self, start: int, stop: int, init: str = "default", gain: float = 0.1,
+                     materialize: bool = True) -> BlockChain:
+        from edgetrain.models.swin import PatchEmbedding, SwinModule, build_blocks
+
+        stem = PatchEmbedding(self.in_channels, self.swin) if start == 0 else None
+        blocks = build_blocks(self.swin, self.image_size, start, stop)
+        module = SwinModule(stem, blocks, self.blocks[stop - 1].out_channels)
         init_weights(module, init, gain)
         return module
 
@@ -380,4 +435,5 @@ def _name_in(parent: nn.Module, child: nn.Module) -> str:
     return next(name for name, m in parent.named_modules() if m is child)
 
 
-__all__ = ["CustomSpec", "ResNetSpec", "TorchvisionSpec", "VGGSpec", "ViTNetSpec", "network_spec"]
+__all__ = ["CustomSpec", "ResNetSpec", "SwinNetSpec", "TorchvisionSpec", "VGGSpec", "ViTNetSpec",
+           "network_spec"]

@@ -212,4 +212,5 @@ def init_weights(module: nn.Module, scheme: str = "default", gain: float = 0.1) 
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.01)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
