@@ -394,3 +394,33 @@ def test_fidelity_pairs_trgl_with_vanilla_by_seed(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plot_fidelity(results[:3], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_vs_e2e_is_set_against_the_e2e_run_of_the_same_budget():
+    """The budget preset varies --memory-budget: each row's *vs e2e* is over the e2e run of the
+    same budget (tau, which e2e has not, does not separate them), and a budget where e2e did
+    not fit gives none."""
+    from edgetrain.bench.report import markdown_report
+
+    def line(method, budget, training_mib, status="ok"):
+        config = {"memory_budget": budget, "method": method, "seed": 0,
+                  **({"tau": 1.0} if method == "trgl" else {})}
+        measured = status == "ok"
+        return {"method": method, "modules": 4 if method == "trgl" else None,
+                "mode": "sequential" if method == "trgl" else None, "cache": None,
+                "config": config, "status": status, "preset": "budget",
+                "dataset": "fashion-mnist", "model": "resnet32",
+                "test_accuracy": 0.88 if measured else None,
+                "peak_memory_bytes": (600 + training_mib) * 2**20 if measured else None,
+                "training_memory_bytes": training_mib * 2**20 if measured else None,
+                "wall_time_s": 100.0 if measured else None, "memory_budget": budget,
+                "memory_budget_bytes": 700 * 2**20 if measured else None}
+
+    table = markdown_report([line("e2e", "50%", 100), line("trgl", "50%", 150),
+                             line("e2e", "100%", 200), line("trgl", "100%", 180),
+                             line("e2e", "25%", 0, "does_not_fit"), line("trgl", "25%", 40)])
+    rows = {tuple(c.strip() for c in row.split("|")[1:6:4]): row.split("|")
+            for row in table.splitlines() if row.startswith("| e2e") or row.startswith("| trgl")}
+    vs = {key: cells[-4].strip() for key, cells in rows.items()}
+    assert vs == {("e2e", "50%"): "1.00", ("trgl", "50%"): "1.50", ("e2e", "100%"): "1.00",
+                  ("trgl", "100%"): "0.90", ("e2e", "25%"): "–", ("trgl", "25%"): "–"}

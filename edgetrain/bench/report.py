@@ -106,6 +106,17 @@ def _group(r: dict) -> tuple:
     return (r.get("dataset") or r["config"].get("dataset"), r.get("model"))
 
 
+_PENALTY = ("tau", "tau_schedule")
+"""Settings that mean nothing to end-to-end training (it has no penalty)."""
+
+
+def _baseline_key(r: dict, varied: list[str]) -> tuple:
+    """The e2e run a row is set against: same data and model, and the same value of every
+    varied setting that end-to-end training has too (a seed, a memory budget, a data size)."""
+    return (*_group(r), *(json.dumps(r.get("config", {}).get(k), sort_keys=True)
+                          for k in varied if k not in _PENALTY))
+
+
 def _cell(value: object) -> str:
     return "–" if value is None else str(value)
 
@@ -115,10 +126,11 @@ _STATUS = {"ok": "ok", "over_budget": "over budget", "does_not_fit": "does not f
 
 def markdown_report(results: list[dict]) -> str:
     ok = [r for r in results if _measured(r)]
+    varied = varied_settings(results)
     baselines: dict[tuple, int] = {}
     for r in ok:
         if r["method"] == "e2e":
-            baselines.setdefault(_group(r), r["training_memory_bytes"])
+            baselines.setdefault(_baseline_key(r, varied), r["training_memory_bytes"])
     datasets = {_group(r)[0] for r in results}
     head = results[0]
     machine = head.get("machine") or {}
@@ -134,10 +146,10 @@ def markdown_report(results: list[dict]) -> str:
         out.append(f"Device profile: {head['device_profile']} ({how}).")
     out += ["", "Training memory is the peak minus the framework baseline (torch and its "
             "libraries); on a discrete GPU, the CUDA allocator's peak. *vs e2e* is training "
-            "memory over the end-to-end run's, same data and model.", ""]
+            "memory over the end-to-end run's, same data and model (and the same value of "
+            "every varied setting e2e has too, such as the seed or the memory budget).", ""]
     columns = ["method", "K", "mode", "cache", "test acc", "peak memory", "training memory",
                "vs e2e", "wall time", "status"]
-    varied = varied_settings(results)
     columns[4:4] = varied
     if len(datasets) > 1:
         columns.insert(0, "dataset")
@@ -146,7 +158,7 @@ def markdown_report(results: list[dict]) -> str:
         row = [r["method"], _cell(r["modules"]), _cell(r["mode"]), _cell(r["cache"]),
                *(_cell(r["config"].get(key)) for key in varied)]
         if _measured(r):
-            base = baselines.get(_group(r))
+            base = baselines.get(_baseline_key(r, varied))
             ratio = f"{r['training_memory_bytes'] / base:.2f}" if base else "–"
             row += [f"{100 * r['test_accuracy']:.2f}%", format_bytes(r["peak_memory_bytes"]),
                     format_bytes(r["training_memory_bytes"]), ratio,
@@ -158,13 +170,18 @@ def markdown_report(results: list[dict]) -> str:
         if len(datasets) > 1:
             row.insert(0, _cell(_group(r)[0]))
         out.append("| " + " | ".join(row) + " |")
-    budget = next((r for r in results if r.get("memory_budget_bytes")), None)
-    if budget:
-        size = format_bytes(budget["memory_budget_bytes"])
-        text = f"{budget['memory_budget']} ({size})" if budget.get("memory_budget") else size
-        out += ["", f"Memory budget {text} (--memory-budget, enforced by the "
-                "planner): *over budget* ran but a measured peak exceeded it; *does not fit* "
-                "was refused before training."]
+    budgets = {}
+    for r in results:
+        if r.get("memory_budget_bytes"):
+            size = format_bytes(r["memory_budget_bytes"])
+            text = f"{r['memory_budget']} = {size}" if r.get("memory_budget") else size
+            budgets.setdefault(f"{r['method']}: {text}" if r.get("memory_budget") and
+                               str(r["memory_budget"]).endswith("%") else text, None)
+    if budgets:
+        out += ["", f"Memory budget ({', '.join(budgets)}; --memory-budget, enforced by the "
+                "planner; a share of e2e's need is resolved by each run's own probe): *over "
+                "budget* ran but a measured peak exceeded it; *does not fit* was refused before "
+                "training."]
     out += depth_report(ok)
     out += fidelity_table(ok)
     for r in results:
