@@ -424,3 +424,32 @@ def test_vs_e2e_is_set_against_the_e2e_run_of_the_same_budget():
     vs = {key: cells[-4].strip() for key, cells in rows.items()}
     assert vs == {("e2e", "50%"): "1.00", ("trgl", "50%"): "1.50", ("e2e", "100%"): "1.00",
                   ("trgl", "100%"): "0.90", ("e2e", "25%"): "–", ("trgl", "25%"): "–"}
+
+
+def test_a_preset_edited_to_vary_a_setting_keeps_its_finished_runs(tmp_path, monkeypatch):
+    """A block given `vary = { seed = [0, 1] }` renames its seed-0 run (the label gains
+    "seed0") but runs it with the same flags: a rerun into the same folder skips it and runs
+    seed 1 only. Runs are matched by their flags' digest, not their label."""
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        write_fake_run(out, fake_report(0.6))
+        return subprocess.CompletedProcess(cmd, 0, "test accuracy 60%", "")
+
+    monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=fake_run))
+    base = ('name = "v"\ndescription = "d"\nestimate = "e"\n[fit]\n'
+            'dataset = "fashion-mnist-mini"\nepochs = 1\nseed = 0\n'
+            '[[grid]]\nmethods = ["vanilla"]\nmodules = [2]\nmodes = ["parallel"]\n')
+    (tmp_path / "one.toml").write_text(base)
+    (tmp_path / "both.toml").write_text(base + "vary = { seed = [0, 1] }\n")
+    out = tmp_path / "bench"
+    first = invoke("bench", "run", "--preset", str(tmp_path / "one.toml"), "--out", str(out))
+    assert first.exit_code == 0, first.output
+    again = invoke("bench", "run", "--preset", str(tmp_path / "both.toml"), "--out", str(out))
+    assert again.exit_code == 0, again.output
+    assert "seed0: done before, skipped" in again.output
+    assert len(calls) == 2
+    seed = calls[1][calls[1].index("--seed") + 1]
+    assert seed == "1"

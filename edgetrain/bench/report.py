@@ -170,18 +170,18 @@ def markdown_report(results: list[dict]) -> str:
         if len(datasets) > 1:
             row.insert(0, _cell(_group(r)[0]))
         out.append("| " + " | ".join(row) + " |")
-    budgets = {}
+    budgets: list[str] = []
     for r in results:
         if r.get("memory_budget_bytes"):
             size = format_bytes(r["memory_budget_bytes"])
-            text = f"{r['memory_budget']} = {size}" if r.get("memory_budget") else size
-            budgets.setdefault(f"{r['method']}: {text}" if r.get("memory_budget") and
-                               str(r["memory_budget"]).endswith("%") else text, None)
+            text = f"{r['memory_budget']} ({size})" if r.get("memory_budget") else size
+            if text not in budgets:
+                budgets.append(text)
     if budgets:
-        out += ["", f"Memory budget ({', '.join(budgets)}; --memory-budget, enforced by the "
-                "planner; a share of e2e's need is resolved by each run's own probe): *over "
-                "budget* ran but a measured peak exceeded it; *does not fit* was refused before "
-                "training."]
+        out += ["", f"Memory budget{'s' if len(budgets) > 1 else ''} {', '.join(budgets)} "
+                "(--memory-budget, enforced by the planner; a share of e2e's need is resolved "
+                "by each run's own probe): *over budget* ran but a measured peak exceeded it; "
+                "*does not fit* was refused before training."]
     out += depth_report(ok)
     out += fidelity_table(ok)
     for r in results:

@@ -148,6 +148,12 @@ def finished_ids(path: Path) -> set[str]:
     return {r["run_id"] for r in read_results(path) if r.get("status") in FINISHED}
 
 
+def flags_digest(run_id: str) -> str:
+    """The digest of a run's exact fit flags, the last part of its id (the label before it
+    is only a name: a preset edited to vary a setting renames its runs, not their flags)."""
+    return run_id.rsplit("-", 1)[-1]
+
+
 @dataclass(frozen=True)
 class Bench:
     """A benchmark ready to run: the preset's runs with the device profile applied."""
@@ -198,7 +204,7 @@ def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print,
 
 def _run_grid(bench: Bench, out: Path, log: Callable[[str], None], jobs: int) -> list[dict]:
     results = out / RESULTS
-    done = finished_ids(results)
+    done = {flags_digest(run_id) for run_id in finished_ids(results)}
     context = {
         "preset": bench.preset.name,
         "device_profile": bench.profile.name if bench.profile else None,
@@ -208,7 +214,7 @@ def _run_grid(bench: Bench, out: Path, log: Callable[[str], None], jobs: int) ->
     todo = []
     for i, run in enumerate(bench.runs, 1):
         tag = f"[{i}/{len(bench.runs)}] {run.spec.label}"
-        if run.run_id in done:
+        if flags_digest(run.run_id) in done:  # the same flags finished before
             log(f"{tag}: done before, skipped")
         else:
             todo.append((tag, run))
