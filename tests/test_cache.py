@@ -360,3 +360,23 @@ def test_last_evaluation_writes_the_test_cache(tmp_path: Path, monkeypatch) -> N
     # The module's logged accuracy is the one the stitched network has at its last head.
     assert trained.report["modules"][-1]["aux_test_accuracy"] == pytest.approx(
         trained.report["test_accuracy"], abs=0.01)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_parts_of_every_batch_are_the_shards_of_the_whole_batches(tmp_path: Path, dtype) -> None:
+    """``part=(start, size)``: each rank reads only its rows of every batch; together the
+    parts are the whole batches, in the order the whole job draws (same generator seed), and a
+    last batch too short for a rank gives it empty tensors."""
+    features = torch.arange(10 * 3, dtype=torch.float32).reshape(10, 3)
+    labels = torch.arange(10)
+    write_cache(tmp_path / "c", [(features, labels)], (3,), 10, dtype=dtype)
+    with FeatureCache.open(tmp_path / "c") as cache:
+        whole = list(cache.batches(4, True, torch.Generator().manual_seed(5)))
+        parts = [list(cache.batches(4, True, torch.Generator().manual_seed(5), part=(r * 2, 2)))
+                 for r in range(2)]
+    assert [len(y) for _, y in whole] == [4, 4, 2]
+    assert [len(y) for _, y in parts[1]] == [2, 2, 0]  # the last batch's second shard: empty
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *parts, strict=True):
+        assert torch.equal(torch.cat([y0, y1]), y)
+        assert torch.equal(torch.cat([x0, x1]).float(), x.float())
+        assert x1.shape[1:] == (3,)

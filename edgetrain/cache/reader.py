@@ -234,25 +234,34 @@ class FeatureCache:
         shuffle: bool,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
+        part: tuple[int, int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over the cache: ``(features [B, *sample_shape] in the cache dtype,
         labels int64 [B])``. With ``shuffle`` every sample appears exactly once, in the order
-        of ``torch.randperm(n, generator=generator)``, drawn when this is called."""
+        of ``torch.randperm(n, generator=generator)``, drawn when this is called.
+
+        ``part=(start, size)``: of every batch only its samples ``start .. start + size - 1``
+        are read (a data-parallel rank's shard of the batch the whole job draws: the same
+        order on every rank, each reading its own rows only); a batch too short to reach
+        ``start`` gives empty tensors."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if self._fd is None:
             raise ValueError(f"{self._features_path} is closed")
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        return self._iter_batches(order, batch_size, drop_last)
+        return self._iter_batches(order, batch_size, drop_last, part)
 
     def _iter_batches(
-        self, order: torch.Tensor, batch_size: int, drop_last: bool
+        self, order: torch.Tensor, batch_size: int, drop_last: bool,
+        part: tuple[int, int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(order)
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
             indices = order[start : start + batch_size]
+            if part is not None:
+                indices = indices[part[0] : part[0] + part[1]]
             yield self._read_rows(indices.numpy()), self.labels[indices]
 
     def _read_rows(self, indices: np.ndarray) -> torch.Tensor:
@@ -262,6 +271,9 @@ class FeatureCache:
             raise ValueError(f"{self._features_path} was closed during a pass")
         count = len(indices)
         rows = np.empty((count, *self.sample_shape), dtype=self._storage)
+        if count == 0:  # a rank's empty shard of a short last batch: nothing to read
+            return torch.from_numpy(rows) if self.manifest.dtype != "bfloat16" else \
+                torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
         flat = memoryview(rows.reshape(-1).view(np.uint8))
         # Read the batch's rows in file order: sorted offsets walk the file forwards (kernel
         # readahead and disks like that) and neighbouring rows merge into one read, which

@@ -23,7 +23,8 @@ sums: what replicas.py shows for the pipeline's replicas holds here module by mo
 
 Where the cache lives: rank 0 writes it into ``--out``, and every rank reads its batches from
 there, so ``--out`` must be a folder every rank sees (one machine, or a shared file system).
-Each rank reads whole batches and keeps its shard (disk reads, R times; memory: one batch).
+Each rank reads only its shard's rows of every batch from the cache (the batch order is
+drawn the same on every rank); raw images (module 1, or --cache none) are drawn whole and cut.
 
 Not parallel (yet): the cache pass. Rank 0 computes and writes it alone while the others
 wait, so --dist-timeout must exceed one forward pass over the training and test sets through
@@ -122,8 +123,8 @@ def _train_module(ctx, topo: Topology, stage: Stage, k: int, sizes: list[int],
                        total=cfg.epochs * len(sizes)) as update:
         update(advance=first * len(sizes))
         for epoch in range(first, cfg.epochs):
-            batches = _shards(scheduler.module_inputs(ctx, k, True, epoch, frozen), shard,
-                              topo.replica, topo.replicas)
+            batches = _shards(ctx, k, epoch, frozen, shard, topo.replica, topo.replicas,
+                              len(sizes))
             status = f"epoch {epoch + 1}/{cfg.epochs}"
             stats = stage.train_epoch(batches, epoch,
                                       progress=lambda status=status: update(status=status))
@@ -151,17 +152,25 @@ def _train_module(ctx, topo: Topology, stage: Stage, k: int, sizes: list[int],
     return accuracy
 
 
-def _shards(batches, shard: int, replica: int, replicas: int):
-    """``(x, y, shards)`` of each whole batch: this rank's shard (None where it is empty) and
-    every replica's shard size, as :meth:`Stage.train_epoch` takes them."""
-    for x, y in batches:
-        shards = [shard_size(len(y), shard, i) for i in range(replicas)]
+def _shards(ctx, k: int, epoch: int, frozen: list, shard: int, replica: int, replicas: int,
+            steps: int):
+    """``(x, y, shards)`` of each batch of the epoch: this rank's shard (None where it is
+    empty) and every replica's shard size, as :meth:`Stage.train_epoch` takes them. From the
+    disk cache a rank reads its own rows only (the batch order is the same on every rank);
+    raw data (module 1, or --cache none) is drawn whole, as one process draws it, and cut."""
+    sizes = batch_sizes(len(ctx.data.train), ctx.config.batch_size)
+    assert len(sizes) == steps  # an internal invariant: the schedule counted these steps
+    from_cache = k > 0 and ctx.config.cache == "disk"
+    part = (replica * shard, shard) if from_cache else None
+    batches = scheduler.module_inputs(ctx, k, True, epoch, frozen, part=part)
+    for size, (x, y) in zip(sizes, batches, strict=True):
+        shards = [shard_size(size, shard, i) for i in range(replicas)]
+        if not from_cache:
+            x, y = take_shard(x, y, shard, replica)
         if shards[replica] == 0:
             yield None, None, shards
             continue
-        xs, ys = take_shard(x, y, shard, replica)
-        del x, y  # only the shard lives through the step
-        yield xs, ys, shards
+        yield x, y, shards
 
 
 @torch.inference_mode()
@@ -174,11 +183,13 @@ def _evaluate(ctx, topo: Topology, stage: Stage, k: int, epoch: int,
     n_test = len(ctx.data.test)
     batch = ctx.inference_batch_size(k)
     shard = max(1, -(-batch // topo.replicas))
-    correct = correct_half = seen_half = seen = 0
-    for x, y in scheduler.module_inputs(ctx, k, False, epoch, frozen):
-        begin = seen + topo.replica * shard
-        xs, ys = take_shard(x, y, shard, topo.replica)
-        seen += len(y)
+    from_cache = k > 0 and ctx.config.cache == "disk"
+    inputs = scheduler.module_inputs(ctx, k, False, epoch, frozen,
+                                     part=(topo.replica * shard, shard) if from_cache else None)
+    correct = correct_half = seen_half = 0
+    for start, (x, y) in zip(range(0, n_test, batch), inputs, strict=True):
+        begin = start + topo.replica * shard
+        xs, ys = (x, y) if from_cache else take_shard(x, y, shard, topo.replica)
         if len(ys) == 0:
             continue
         right = stage.head(stage.module(xs, need_transport=False)[0]).argmax(1) == ys

@@ -235,12 +235,14 @@ def raw_batches(ctx: Context, train: bool, shuffle: bool, augment_seed: int | No
 
 
 def cached_batches(ctx: Context, directory, shuffle: bool, order_seed: int = 0,
-                   batch_size: int | None = None) -> Batches:
-    """Batches of a module's cached outputs, read from disk a batch at a time."""
+                   batch_size: int | None = None, part: tuple[int, int] | None = None
+                   ) -> Batches:
+    """Batches of a module's cached outputs, read from disk a batch at a time (``part``: only
+    those samples of each batch, see :meth:`FeatureCache.batches`)."""
     order = ctx.generator(3, order_seed) if shuffle else None
     with FeatureCache.open(directory, verify=False) as cache:
         for features, labels in cache.batches(batch_size or ctx.config.batch_size, shuffle,
-                                              order):
+                                              order, part=part):
             # Features are stored in --cache-dtype; compute runs in float32. The stored copy
             # goes before the step (a float16 batch would stay alive in this frame).
             x = features.to(ctx.device, torch.float32, non_blocking=True)
@@ -259,15 +261,17 @@ def through_frozen(frozen: list[nn.Module], batches: Batches) -> Batches:
 
 
 def module_inputs(ctx: Context, k: int, train: bool, epoch: int,
-                  frozen: list[nn.Module]) -> Batches:
+                  frozen: list[nn.Module], part: tuple[int, int] | None = None) -> Batches:
     """The input of module ``k``: raw data (k = 0), cache k-1, or raw data through the frozen
-    modules (``--cache none``). Training batches are shuffled, test batches are not."""
+    modules (``--cache none``). Training batches are shuffled, test batches are not.
+    ``part=(start, size)``: from the cache only those samples of each batch are read (a
+    data-parallel rank's shard); the other sources give whole batches."""
     cfg = ctx.config
     batch_size = ctx.batch_size(k) if train else ctx.inference_batch_size(k)
     if k > 0 and cfg.cache == "disk":
         split = f"train_v{epoch % cfg.cache_views}" if train else "test"
         return cached_batches(ctx, ctx.run.cache_dir(k - 1, split), shuffle=train,
-                              order_seed=k * 10_000 + epoch, batch_size=batch_size)
+                              order_seed=k * 10_000 + epoch, batch_size=batch_size, part=part)
     raw = raw_batches(ctx, train, shuffle=train,
                       augment_seed=(k * 10_000 + epoch) if train else None,
                       order_seed=k * 10_000 + epoch, batch_size=batch_size)
