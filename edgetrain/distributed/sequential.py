@@ -13,8 +13,9 @@ Here every rank is a replica of the one module in training (``--replicas`` = the
                         the ranks first (replicas.ReplicaSGD: one all-reduce per step)
             every rank: its shard of the test set; the accuracy summed over the ranks
             rank 0:     the epoch checkpoint and the log line
-        rank 0:     cache k (every training view and the test set), modules/module_k, the
-                    "module" log line; the others wait at a barrier (--dist-timeout)
+        every rank: its share of cache k (batch i of each split on rank i mod R), sent to
+                    rank 0, which writes it (every training view and the test set)
+        rank 0:     modules/module_k, the "module" log line; the others wait at a barrier
     rank 0:     the stitched network, its test accuracy
 
 The result equals one process training at the same global batch in micro-batches of one
@@ -26,10 +27,11 @@ there, so ``--out`` must be a folder every rank sees (one machine, or a shared f
 Each rank reads only its shard's rows of every batch from the cache (the batch order is
 drawn the same on every rank); raw images (module 1, or --cache none) are drawn whole and cut.
 
-Not parallel (yet): the cache pass. Rank 0 computes and writes it alone while the others
-wait, so --dist-timeout must exceed one forward pass over the training and test sets through
-one module. Multi-lap training, batch growth and the ORT backend are refused with
---distributed (config.py).
+The cache pass is shared: each rank computes the outputs of every R-th batch and sends them
+to rank 0 (the data group: gloo on the CPU, NCCL on GPUs), which writes the one cache in
+sample order, as a single process writes it. Every rank reads every input batch of the pass
+(module 1's images, or cache k-1) and computes only its own. Multi-lap training, batch growth
+and the ORT backend are refused with --distributed (config.py).
 """
 
 from __future__ import annotations
@@ -213,18 +215,18 @@ def _check_replicas_agree(topo: Topology, stage: Stage, k: int, epoch: int) -> N
 
 def _finish_module(ctx, topo: Topology, k: int, module, head, accuracy: float | None,
                    train_time: float, train_peak: int) -> dict:
-    """Rank 0: cache k, the module file and its log line (single-process sequential mode's
-    order: a run killed before the log line redoes the module from its last checkpoint).
-    The other ranks wait for it."""
+    """Cache k (every rank computes a share, rank 0 writes it), then on rank 0 the module file
+    and its log line (single-process sequential mode's order: a run killed before the log line
+    redoes the module from its last checkpoint). The other ranks wait for it."""
     result = None
+    cache_time, cache_peak = 0.0, None
+    if scheduler.writes_cache(ctx, k):
+        ctx.meter.reset()
+        t = time.perf_counter()
+        cached = _cache_together(ctx, topo, k, module, head)
+        accuracy = cached if cached is not None else accuracy
+        cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
     if topo.rank == 0:
-        cache_time, cache_peak = 0.0, None
-        if scheduler.writes_cache(ctx, k):
-            ctx.meter.reset()
-            t = time.perf_counter()
-            cached = scheduler.cache_outputs(ctx, k, module, head)
-            accuracy = cached if cached is not None else accuracy
-            cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
         scheduler._save_module(ctx, k, module, head, ctx.config.epochs - 1,
                                {"module": k, "lap": 0,
                                 "blocks": f"{ctx.plans[k].start}:{ctx.plans[k].stop}"})
@@ -237,6 +239,51 @@ def _finish_module(ctx, topo: Topology, k: int, module, head, accuracy: float | 
             ctx.run.remove(f"cache/module_{k - 1}")  # module k+1 reads only cache k
     barrier(topo, f"rank 0 writing module {k + 1}'s cache and weights")
     return result
+
+
+@torch.inference_mode()
+def _cache_together(ctx, topo: Topology, k: int, module, head) -> float | None:
+    """Module k's cache, computed by every rank and written by rank 0: batch i of each split
+    on rank ``i mod R``, its outputs sent to rank 0 in order. Returns the head's test accuracy
+    (on rank 0; None elsewhere). Memory on rank 0: one batch of outputs at a time."""
+    plan = ctx.plans[k]
+    shape = (plan.out_channels, plan.out_size, plan.out_size)
+    ranks, me = topo.world_size, topo.rank
+    accuracy = None
+    for split, train, view in scheduler.cache_splits(ctx):
+        correct = 0
+        writer = scheduler.cache_writer(ctx, k, split) if me == 0 else None
+        try:
+            for i, (x, y) in enumerate(scheduler.cache_inputs(ctx, k, split, train, view)):
+                owner = i % ranks
+                if owner == me:
+                    out, _ = module(x, need_transport=False)
+                    if not train:
+                        correct += int((head(out).argmax(1) == y).sum())
+                    if me != 0:
+                        with talking(topo, f"sending batch {i + 1} of cache {k + 1} ({split})",
+                                     0):
+                            dist.send(out.contiguous(), 0, group=topo.data_group)
+                        continue
+                elif me == 0:
+                    out = torch.empty(len(y), *shape, device=ctx.device)
+                    with talking(topo, f"receiving batch {i + 1} of cache {k + 1} ({split})",
+                                 owner):
+                        dist.recv(out, owner, group=topo.data_group)
+                else:
+                    continue
+                writer.append(out, y)
+                del out
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            writer.close()
+        if not train:
+            total = reduce_sum(topo, [correct], f"adding up module {k + 1}'s test accuracy")[0]
+            accuracy = total / max(len(ctx.data.test), 1) if me == 0 else None
+    return accuracy
 
 
 # -- resume: rank 0 reads, every rank learns ---------------------------------------------------

@@ -296,6 +296,28 @@ def cache_writer(ctx: Context, k: int, split: str) -> CacheWriter:
                        ctx.config.cache_dtype)
 
 
+def cache_splits(ctx: Context, test: bool = True) -> list[tuple[str, bool, int]]:
+    """``(split, is_training_set, view)`` of every cache a module writes."""
+    return ([(f"train_v{v}", True, v) for v in range(ctx.config.cache_views)]
+            + ([("test", False, 0)] if test else []))
+
+
+def cache_inputs(ctx: Context, k: int, split: str, train: bool, view: int,
+                 upstream: list[nn.Module] | None = None) -> Batches:
+    """Module ``k``'s inputs for its cache pass over ``split``, in sample order (see
+    :func:`cache_outputs`)."""
+    batch_size = ctx.inference_batch_size(k)
+    if k == 0 or upstream:
+        # From the raw data (through ``upstream`` frozen modules when rebuilding a cache);
+        # view v's augmentation is seeded as when module 1 first cached it.
+        inputs = raw_batches(ctx, train, shuffle=False,
+                             augment_seed=(1_000_000 + view) if view > 0 else None,
+                             batch_size=batch_size)
+        return through_frozen(upstream, inputs) if upstream else inputs
+    return cached_batches(ctx, ctx.run.cache_dir(k - 1, split), shuffle=False,
+                          batch_size=batch_size)
+
+
 @torch.inference_mode()
 def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module,
                   upstream: list[nn.Module] | None = None, test: bool = True) -> float | None:
@@ -309,23 +331,9 @@ def cache_outputs(ctx: Context, k: int, module: nn.Module, head: nn.Module,
     A view of module k is computed from the same view of module k-1, so every module sees
     the same augmented images in one view.
     """
-    cfg = ctx.config
-    splits = ([(f"train_v{v}", True, v) for v in range(cfg.cache_views)]
-              + ([("test", False, 0)] if test else []))
     accuracy = None
-    for split, train, view in splits:
-        batch_size = ctx.inference_batch_size(k)
-        if k == 0 or upstream:
-            # From the raw data (through ``upstream`` frozen modules when rebuilding a cache);
-            # view v's augmentation is seeded as when module 1 first cached it.
-            inputs = raw_batches(ctx, train, shuffle=False,
-                                 augment_seed=(1_000_000 + view) if view > 0 else None,
-                                 batch_size=batch_size)
-            if upstream:
-                inputs = through_frozen(upstream, inputs)
-        else:
-            inputs = cached_batches(ctx, ctx.run.cache_dir(k - 1, split), shuffle=False,
-                                    batch_size=batch_size)
+    for split, train, view in cache_splits(ctx, test):
+        inputs = cache_inputs(ctx, k, split, train, view, upstream)
         count = len(ctx.data.train if train else ctx.data.test)
         correct = 0
         with ctx.bars.task(f"  cache {split:<9}", total=count) as update, \
