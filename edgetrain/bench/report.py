@@ -195,20 +195,26 @@ def markdown_report(results: list[dict]) -> str:
 def depth_report(measured: list[dict]) -> list[str]:
     """Vanilla against TRGL at each K, same data, model, mode and cache: the paper's claim is
     that the transport term keeps greedy accuracy from falling as the network is cut into more
-    modules. Empty unless both methods have measured runs to compare."""
+    modules. Empty unless both methods have measured runs to compare. Where several runs share
+    a method and K (seeds, or TRGL's tau), the table shows their mean and how many."""
     lines: list[str] = []
-    groups: dict[tuple, dict[int, dict[str, float]]] = {}
+    runs: dict[tuple, dict[int, dict[str, list[float]]]] = {}
     for r in measured:
         if r["method"] in ("vanilla", "trgl") and r["modules"] is not None:
             key = (*_group(r), r["mode"], r["cache"])
-            groups.setdefault(key, {}).setdefault(r["modules"], {})[r["method"]] = (
-                100 * r["test_accuracy"])
+            runs.setdefault(key, {}).setdefault(r["modules"], {}).setdefault(
+                r["method"], []).append(100 * r["test_accuracy"])
+    groups = {key: {k: {m: sum(v) / len(v) for m, v in by_method.items()}
+                    for k, by_method in by_k.items()} for key, by_k in runs.items()}
     for (dataset, model, mode, cache), by_k in sorted(groups.items(), key=str):
         ks = sorted(by_k)
         if not any(len(by_k[k]) == 2 for k in ks):
             continue
-        lines += ["", f"Accuracy as K grows: {dataset} / {model}, {mode}, cache {cache}", "",
-                  "| K | vanilla | trgl | trgl − vanilla |", "|---|---|---|---|"]
+        counts = {len(v) for by_method in runs[(dataset, model, mode, cache)].values()
+                  for v in by_method.values()}
+        note = "" if counts == {1} else " (mean over runs: seeds, and TRGL's tau if varied)"
+        lines += ["", f"Accuracy as K grows: {dataset} / {model}, {mode}, cache {cache}{note}",
+                  "", "| K | vanilla | trgl | trgl − vanilla |", "|---|---|---|---|"]
         for k in ks:
             v, t = by_k[k].get("vanilla"), by_k[k].get("trgl")
             diff = f"{t - v:+.2f}" if v is not None and t is not None else "–"

@@ -40,6 +40,7 @@ from torch import nn
 from edgetrain.cache import CacheWriter, FeatureCache, cache_is_valid
 from edgetrain.config import FitConfig
 from edgetrain.data import DataBundle, augment_batch, iterate_batches, normalize
+from edgetrain.errors import UserInputError
 from edgetrain.memory.meter import MemoryMeter
 from edgetrain.memory.planner import MemoryPlan
 from edgetrain.models.network import (
@@ -422,7 +423,13 @@ def train_one_module(ctx: Context, k: int, plan: ModulePlan, frozen: list[nn.Mod
         # The last epoch's evaluation wrote the test split, unless that epoch ran in an
         # earlier process (a resumed run): then it is written here.
         tested = (ctx.lap, k) in ctx.test_cached
-        accuracy = cache_outputs(ctx, k, module, head, test=not tested)
+        try:
+            accuracy = cache_outputs(ctx, k, module, head, test=not tested)
+        except BaseException:
+            # A cache pass that fails (a full disk) leaves no part of cache k behind, the
+            # test split the last evaluation wrote included: its space is the resumed run's.
+            ctx.run.remove(f"cache/module_{k}")
+            raise
         test_acc = test_acc if tested else accuracy
         cache_time, cache_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
     elif test_acc is None:
@@ -531,8 +538,16 @@ def evaluate_module(ctx: Context, k: int, epoch: int, module: nn.Module, head: n
     # test set: exactly the outputs module k+1's test cache holds. They are written on the
     # way, and the cache pass after training skips the test split (one forward pass over the
     # test set per module saved). Memory: one batch's outputs, cast to the cache dtype.
-    with cache_writer(ctx, k, "test") as writer:
-        result = evaluate([module], [head], inputs, ctx.test_half, sink=writer.append)
+    try:
+        with cache_writer(ctx, k, "test") as writer:
+            result = evaluate([module], [head], inputs, ctx.test_half, sink=writer.append)
+    except UserInputError:
+        # A full disk (the writer removed its partial files). The epoch's checkpoint comes
+        # after this evaluation and must not be lost to it: evaluate without the cache, and let
+        # the cache pass, after the checkpoint, write the test split or say what it needs.
+        result = evaluate([module], [head], module_inputs(ctx, k, False, epoch, frozen),
+                          ctx.test_half)
+        return result.full[0], result.half[0]
     ctx.test_cached.add((ctx.lap, k))
     return result.full[0], result.half[0]
 
