@@ -155,6 +155,23 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert not differ, f"{name}: {differ}"
 
 
+def assert_close_weights(out: Path, reference: Path) -> None:
+    """Every weight file of ``out`` equals ``reference``'s up to floating-point order
+    (BatchNorm's update counts exactly). Seen: at most 4e-6 (a BatchNorm running variance);
+    weighting two replicas' shards 1/2 + 1/2 instead of 32/48 + 16/48 gives 4e-3: this
+    tolerance catches it."""
+    assert weight_files(out) == weight_files(reference)
+    for name in weight_files(out):
+        got, want = load_weights(out / name), load_weights(reference / name)
+        assert got.keys() == want.keys()
+        for key in want:
+            if want[key].is_floating_point():
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5,
+                                           msg=f"{name}: {key}")
+            else:  # BatchNorm's update counts are exact
+                assert torch.equal(got[key], want[key]), f"{name}: {key}"
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -239,18 +256,7 @@ def test_replicas_equal_single_process_at_the_same_global_batch(tmp_path, monkey
     job = run_job(4, [*args, "--distributed", "--replicas", "2", "--out",
                       str(tmp_path / "run")], tmp_path / "logs")
     out = tmp_path / "run"
-    assert weight_files(out) == weight_files(reference)
-    for name in weight_files(out):
-        got, want = load_weights(out / name), load_weights(reference / name)
-        assert got.keys() == want.keys()
-        for key in want:
-            if want[key].is_floating_point():
-                # Seen: at most 4e-6 (a BatchNorm running variance). Weighting the shards
-                # 1/2 + 1/2 instead of 32/48 + 16/48 gives 4e-3: this tolerance catches it.
-                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5,
-                                           msg=f"{name}: {key}")
-            else:  # BatchNorm's update counts are exact
-                assert torch.equal(got[key], want[key]), f"{name}: {key}"
+    assert_close_weights(out, reference)
     layout = json.loads((out / "report.json").read_text())["distributed"]
     assert (layout["world_size"], layout["stages"], layout["replicas"]) == (4, 2, 2)
     ranks = layout["ranks"]
@@ -266,21 +272,6 @@ def test_replicas_equal_single_process_at_the_same_global_batch(tmp_path, monkey
 
 SEQUENTIAL = [*TINY[:TINY.index("--mode")], *TINY[TINY.index("--mode") + 2:], "--mode",
               "sequential", "--modules", "2", "--lr", "0.02"]
-
-
-def assert_close_weights(out: Path, reference: Path) -> None:
-    """Every weight file of ``out`` equals ``reference``'s up to floating-point order
-    (BatchNorm's update counts exactly)."""
-    assert weight_files(out) == weight_files(reference)
-    for name in weight_files(out):
-        got, want = load_weights(out / name), load_weights(reference / name)
-        assert got.keys() == want.keys()
-        for key in want:
-            if want[key].is_floating_point():
-                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5,
-                                           msg=f"{name}: {key}")
-            else:
-                assert torch.equal(got[key], want[key]), f"{name}: {key}"
 
 
 @pytest.mark.parametrize("cache", ["disk", "none"])

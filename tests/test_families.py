@@ -32,6 +32,18 @@ def test_vgg_penalises_only_layers_that_keep_their_shape():
     assert block(x, need_energy=False)[1] is None
 
 
+def torch_attention(block, dim: int, heads: int) -> torch.nn.MultiheadAttention:
+    """torch's own multi-head attention with a transformer block's projections: the
+    reference the blocks' attention is checked against."""
+    mha = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(block.qkv.weight)
+        mha.in_proj_bias.copy_(block.qkv.bias)
+        mha.out_proj.weight.copy_(block.proj.weight)
+        mha.out_proj.bias.copy_(block.proj.bias)
+    return mha
+
+
 def test_vit_block_energy_is_both_branches():
     spec = ViTSpec(patch=4, dim=16, depth=2, heads=2)
     torch.manual_seed(0)
@@ -40,12 +52,8 @@ def test_vit_block_energy_is_both_branches():
     assert tokens.shape == (3, 49, 16)
     out, energy = block(tokens, need_energy=True)
     # By hand, with torch's own multi-head attention as the reference for the attention.
-    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    mha = torch_attention(block, 16, 2)
     with torch.no_grad():
-        mha.in_proj_weight.copy_(block.qkv.weight)
-        mha.in_proj_bias.copy_(block.qkv.bias)
-        mha.out_proj.weight.copy_(block.proj.weight)
-        mha.out_proj.bias.copy_(block.proj.bias)
         n1 = block.norm1(tokens)
         a = mha(n1, n1, n1, need_weights=False)[0]
         m = block.fc2(F.gelu(block.fc1(block.norm2(tokens + a))))
@@ -67,12 +75,8 @@ def test_swin_block_attends_within_windows_and_penalises_both_branches():
         block.bias_table.normal_()  # a bias that matters
     x = torch.randn(3, 4, 4, 8)
     out, energy = block(x, need_energy=True)
-    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    mha = torch_attention(block, 8, 2)
     with torch.no_grad():
-        mha.in_proj_weight.copy_(block.qkv.weight)
-        mha.in_proj_bias.copy_(block.qkv.bias)
-        mha.out_proj.weight.copy_(block.proj.weight)
-        mha.out_proj.bias.copy_(block.proj.bias)
         bias = block.bias_table[block.bias_index].permute(2, 0, 1)  # [heads, T, T]
         normed, a = block.norm1(x), torch.zeros_like(x)
         for y0 in (0, 2):
@@ -251,6 +255,7 @@ def test_family_under_a_memory_budget_and_resume(tmp_path):
     (["--model", "vgg13"], "vgg11, vgg16, vgg19, vit-tiny"),
     (["--model", "vgg11", "--modules", "9"], "vgg11 has 8 blocks"),
     (["--model", "vit-tiny", "--image-size", "30"], "multiple of 4"),
+    (["--model", "swin-tiny", "--image-size", "30"], "choose --image-size a multiple of 4"),
 ])
 def test_family_bad_input_is_a_clear_error(tmp_path, args, needle):
     out, result = _fit(tmp_path, *args)

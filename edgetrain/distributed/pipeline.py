@@ -39,8 +39,13 @@ from edgetrain.distributed.replicas import (
     shard_size,
     take_shard,
 )
-from edgetrain.distributed.stage import Stage, checkpoint_parts
-from edgetrain.distributed.topology import Topology, gather_all, talking
+from edgetrain.distributed.stage import (
+    Stage,
+    check_replicas_agree,
+    checkpoint_parts,
+    payload_of,
+)
+from edgetrain.distributed.topology import Topology, talking
 from edgetrain.distributed.transport import Inbox, Outbox
 from edgetrain.training.checkpoints import (
     CheckpointDamagedError,
@@ -166,13 +171,7 @@ def _end_epoch(ctx, topo: Topology, stage: Stage, outbox: Outbox | None, epoch: 
     t = time.perf_counter()
     if stats is not None:
         stats = reduce_stats(topo, stats)
-    if topo.replicas > 1:
-        digests = gather_all(topo, stage.digest(), "comparing the replicas' weights")
-        for s in range(topo.stages):
-            mine = {digests[topo.rank_of(s, i)] for i in range(topo.replicas)}
-            if len(mine) > 1:  # an internal invariant: identical updates on identical weights
-                raise RuntimeError(f"the replicas of stage {s + 1} hold different weights "
-                                   f"after epoch {epoch + 1}")
+    check_replicas_agree(topo, stage, epoch)
     numbers = {"stats": stats.as_dict() if stats is not None else None, "full": full,
                "half": half, "lr": stage.opt.lr,
                "tau": stage.multipliers.tau if stage.multipliers is not None else None}
@@ -312,7 +311,5 @@ def _read_checkpoint(ctx) -> tuple[list[dict] | None, int]:
         path.unlink()
         return None, 0
     ctx.run.log("resume", phase=CHECKPOINT, epoch=first)
-    payloads = [{"module": m.state_dict(), "head": h.state_dict(), "opt": o.state_dict(),
-                 "steps": s.step_count, "multipliers": mu.state_dict() if mu else None}
-                for m, h, o, s, mu in built]
+    payloads = [payload_of(*parts) for parts in built]
     return payloads, first

@@ -48,8 +48,14 @@ from edgetrain.distributed.replicas import (
     shard_size,
     take_shard,
 )
-from edgetrain.distributed.stage import Saved, Stage, Timers
-from edgetrain.distributed.topology import Topology, barrier, gather_all, talking
+from edgetrain.distributed.stage import (
+    Stage,
+    Timers,
+    check_replicas_agree,
+    checkpoint_parts,
+    payload_of,
+)
+from edgetrain.distributed.topology import Topology, barrier, talking
 from edgetrain.training import scheduler
 from edgetrain.training.checkpoints import (
     CheckpointDamagedError,
@@ -126,7 +132,7 @@ def _train_module(ctx, topo: Topology, stage: Stage, k: int, sizes: list[int],
         update(advance=first * len(sizes))
         for epoch in range(first, cfg.epochs):
             batches = _shards(ctx, k, epoch, frozen, shard, topo.replica, topo.replicas,
-                              len(sizes))
+                              sizes)
             status = f"epoch {epoch + 1}/{cfg.epochs}"
             stats = stage.train_epoch(batches, epoch,
                                       progress=lambda status=status: update(status=status))
@@ -139,7 +145,7 @@ def _train_module(ctx, topo: Topology, stage: Stage, k: int, sizes: list[int],
             accuracy = full
             t = time.perf_counter()
             stats = reduce_stats(topo, stats)
-            _check_replicas_agree(topo, stage, k, epoch)
+            check_replicas_agree(topo, stage, epoch, name="module")
             if topo.rank == 0:
                 _checkpoint(ctx, stage, k, epoch)
                 ctx.run.log("epoch", module=k, epoch=epoch, lr=stage.opt.lr,
@@ -155,13 +161,11 @@ def _train_module(ctx, topo: Topology, stage: Stage, k: int, sizes: list[int],
 
 
 def _shards(ctx, k: int, epoch: int, frozen: list, shard: int, replica: int, replicas: int,
-            steps: int):
+            sizes: list[int]):
     """``(x, y, shards)`` of each batch of the epoch: this rank's shard (None where it is
     empty) and every replica's shard size, as :meth:`Stage.train_epoch` takes them. From the
     disk cache a rank reads its own rows only (the batch order is the same on every rank);
     raw data (module 1, or --cache none) is drawn whole, as one process draws it, and cut."""
-    sizes = batch_sizes(len(ctx.data.train), ctx.config.batch_size)
-    assert len(sizes) == steps  # an internal invariant: the schedule counted these steps
     from_cache = k > 0 and ctx.config.cache == "disk"
     part = (replica * shard, shard) if from_cache else None
     batches = scheduler.module_inputs(ctx, k, True, epoch, frozen, part=part)
@@ -202,15 +206,6 @@ def _evaluate(ctx, topo: Topology, stage: Stage, k: int, epoch: int,
     correct, correct_half, seen_half = reduce_sum(
         topo, [correct, correct_half, seen_half], f"adding up module {k + 1}'s test accuracy")
     return correct / max(n_test, 1), correct_half / max(seen_half, 1)
-
-
-def _check_replicas_agree(topo: Topology, stage: Stage, k: int, epoch: int) -> None:
-    if topo.replicas == 1:
-        return
-    digests = gather_all(topo, stage.digest(), "comparing the replicas' weights")
-    if len(set(digests)) > 1:  # an internal invariant: identical updates on identical weights
-        raise RuntimeError(f"the replicas of module {k + 1} hold different weights after "
-                           f"epoch {epoch + 1}")
 
 
 def _finish_module(ctx, topo: Topology, k: int, module, head, accuracy: float | None,
@@ -359,21 +354,15 @@ def _read_checkpoint(ctx, k: int, steps_per_epoch: int) -> tuple[dict | None, in
         path.unlink()
         return None, 0
     ctx.run.log("resume", phase=ctx.checkpoint_name(k), epoch=first)
-    return {"module": phase.model.state_dict(), "head": phase.head.state_dict(),
-            "opt": phase.opt.state_dict(), "steps": phase.sched.step_count,
-            "multipliers": multipliers.state_dict() if multipliers else None}, first
+    return payload_of(phase.model, phase.head, phase.opt, phase.sched, multipliers), first
 
 
 def _checkpoint(ctx, stage: Stage, k: int, epoch: int) -> None:
     """Rank 0: module k's epoch checkpoint, as single-process sequential mode writes it."""
-    p = stage.payload()
-    parts = {"module": Saved(p["module"]), "head": Saved(p["head"])}
-    if p["multipliers"] is not None:
-        parts["multipliers"] = Saved(p["multipliers"])
+    parts, optimizers = checkpoint_parts([stage.payload()], numbered=False)
     try:
         save_checkpoint(ctx.run.checkpoint_path(ctx.checkpoint_name(k)), epoch, parts,
-                        {"opt": (Saved(p["opt"]), Saved(step_count=p["steps"]))},
-                        ctx.run.run_id)
+                        optimizers, ctx.run.run_id)
     except NonFiniteWeightsError as e:
         raise NonFiniteLossError(k, epoch, None, "non-finite weights", str(e)) from None
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from edgetrain.distributed.replicas import ReplicaSGD, reduce_sum
-from edgetrain.distributed.topology import Topology
+from edgetrain.distributed.topology import Topology, gather_all
 from edgetrain.training.phase import Optim, Phase
 from edgetrain.training.steps import (
     EpochStats,
@@ -130,14 +130,8 @@ class Stage:
     # -- state that travels: to rank 0 for checkpoints and module files, from it on resume --
 
     def payload(self) -> dict:
-        """Weights (BatchNorm statistics included), momentum, schedule position and
-        multipliers, as CPU tensors: what rank 0 writes for this module."""
-        def cpu(state):
-            return {n: t.detach().cpu() for n, t in state.items()}
-        return {"module": cpu(self.module.state_dict()), "head": cpu(self.head.state_dict()),
-                "opt": cpu(self.opt.state_dict()), "steps": self.sched.step_count,
-                "multipliers": cpu(self.multipliers.state_dict())
-                if self.multipliers is not None else None}
+        """What rank 0 writes for this module (:func:`payload_of`)."""
+        return payload_of(self.module, self.head, self.opt, self.sched, self.multipliers)
 
     def load(self, payload: dict) -> None:
         self.module.load_state_dict(payload["module"])
@@ -170,15 +164,42 @@ class Saved:
         return self.state
 
 
-def checkpoint_parts(payloads: list[dict]) -> tuple[dict, dict]:
-    """``(parts, optimizers)`` of every stage's payload under single-process parallel mode's
-    names (``module{k}``, ``head{k}``, ``multipliers{k}``, ``opt{k}``), so that the checkpoint
-    file is the same as a single-process run's."""
+def payload_of(module, head, opt, sched, multipliers) -> dict:
+    """Weights (BatchNorm statistics included), momentum, schedule position and multipliers,
+    as CPU tensors: the state of one module that travels between ranks and to checkpoints."""
+    def cpu(state):
+        return {n: t.detach().cpu() for n, t in state.items()}
+    return {"module": cpu(module.state_dict()), "head": cpu(head.state_dict()),
+            "opt": cpu(opt.state_dict()), "steps": sched.step_count,
+            "multipliers": cpu(multipliers.state_dict()) if multipliers is not None else None}
+
+
+def checkpoint_parts(payloads: list[dict], numbered: bool = True) -> tuple[dict, dict]:
+    """``(parts, optimizers)`` of the payloads under a single-process run's checkpoint names,
+    so that the file is the same as one process writes: parallel mode's ``module{k}``,
+    ``head{k}``, ``multipliers{k}``, ``opt{k}``; with ``numbered=False`` (one payload),
+    sequential mode's ``module``, ``head``, ``multipliers``, ``opt``."""
     parts, optimizers = {}, {}
     for k, p in enumerate(payloads):
-        parts[f"module{k}"] = Saved(p["module"])
-        parts[f"head{k}"] = Saved(p["head"])
+        n = k if numbered else ""
+        parts[f"module{n}"] = Saved(p["module"])
+        parts[f"head{n}"] = Saved(p["head"])
         if p["multipliers"] is not None:
-            parts[f"multipliers{k}"] = Saved(p["multipliers"])
-        optimizers[f"opt{k}"] = (Saved(p["opt"]), Saved(step_count=p["steps"]))
+            parts[f"multipliers{n}"] = Saved(p["multipliers"])
+        optimizers[f"opt{n}"] = (Saved(p["opt"]), Saved(step_count=p["steps"]))
     return parts, optimizers
+
+
+def check_replicas_agree(topo: Topology, stage: Stage, epoch: int, name: str = "stage"
+                         ) -> None:
+    """Every replica of every stage holds the same weights, statistics and momentum (an
+    internal invariant: identical updates on identical weights); ``name`` is what the error
+    calls a stage ("stage", or "module" in sequential mode)."""
+    if topo.replicas == 1:
+        return
+    digests = gather_all(topo, stage.digest(), "comparing the replicas' weights")
+    for s in range(topo.stages):
+        if len({digests[topo.rank_of(s, i)] for i in range(topo.replicas)}) > 1:
+            which = stage.k if topo.stages == 1 else s
+            raise RuntimeError(f"the replicas of {name} {which + 1} hold different weights "
+                               f"after epoch {epoch + 1}")

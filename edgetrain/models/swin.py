@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetrain.models.chain import BlockChain
-from edgetrain.models.energy import direct_energy
+from edgetrain.models.vit import PreNormBlock
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,9 @@ class PatchMerging(nn.Module):
         return self.reduce(self.norm(x)), None
 
 
-class SwinBlock(nn.Module):
-    """Pre-norm block with (shifted) window attention on a ``side`` x ``side`` grid;
-    ``forward(x, need_energy)`` returns ``(x + a + m, mean(a ** 2) + mean(m ** 2) or None)``."""
+class SwinBlock(PreNormBlock):
+    """Pre-norm block with (shifted) window attention on a ``side`` x ``side`` grid (the two
+    branches and their energy: :class:`~edgetrain.models.vit.PreNormBlock`)."""
 
     def __init__(self, dim: int, heads: int, side: int, window: int, shift: bool,
                  mlp_ratio: int):
@@ -176,14 +176,6 @@ class SwinBlock(nn.Module):
         out = self.proj(out.transpose(2, 3).reshape(n, -1, t, d))
         out = from_windows(out, side, w)
         return torch.roll(out, (s, s), dims=(1, 2)) if s else out
-
-    def forward(self, x: torch.Tensor, need_energy: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a = self.attention(self.norm1(x))
-        x = x + a
-        m = self.fc2(F.gelu(self.fc1(self.norm2(x))))
-        energy = direct_energy(a) + direct_energy(m) if need_energy else None
-        return x + m, energy
 
 
 def build_blocks(spec: SwinSpec, image_size: int, start: int, stop: int) -> list[nn.Module]:

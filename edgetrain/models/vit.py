@@ -58,9 +58,23 @@ class PatchEmbedding(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2) + self.position
 
 
-class ViTBlock(nn.Module):
-    """Pre-norm transformer block; ``forward(x, need_energy)`` returns
-    ``(x + a + m, mean(a ** 2) + mean(m ** 2) or None)``."""
+class PreNormBlock(nn.Module):
+    """A pre-norm transformer block's two residual branches, ``x = x + a``, ``a =
+    attention(norm1(x))``, then ``x + m``, ``m = fc2(gelu(fc1(norm2(x))))``; ``forward(x,
+    need_energy)`` returns ``(x + a + m, mean(a ** 2) + mean(m ** 2) or None)`` (direct form:
+    neither branch ends in BatchNorm). Subclasses give ``attention`` and the layers."""
+
+    def forward(self, x: torch.Tensor, need_energy: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a = self.attention(self.norm1(x))
+        x = x + a
+        m = self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        energy = direct_energy(a) + direct_energy(m) if need_energy else None
+        return x + m, energy
+
+
+class ViTBlock(PreNormBlock):
+    """Pre-norm transformer block over all tokens (see :class:`PreNormBlock`)."""
 
     def __init__(self, spec: ViTSpec):
         super().__init__()
@@ -79,14 +93,6 @@ class ViTBlock(nn.Module):
         # The fused kernel keeps no [T, T] attention matrix for backward where it can.
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
-
-    def forward(self, x: torch.Tensor, need_energy: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a = self.attention(self.norm1(x))
-        x = x + a
-        m = self.fc2(F.gelu(self.fc1(self.norm2(x))))
-        energy = direct_energy(a) + direct_energy(m) if need_energy else None
-        return x + m, energy
 
 
 class ViTModule(BlockChain):
