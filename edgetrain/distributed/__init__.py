@@ -3,7 +3,7 @@ replicas. Launched with torchrun; `edgetrain fit --distributed` dispatches here.
 
     topology.py    who is who: ranks, stages, replicas, process groups, the launch env
     transport.py   activations between stages: point-to-point, bounded in flight
-    replicas.py    data-parallel replicas: shards, one gradient all-reduce per step
+    replicas.py    data-parallel replicas: shards, DistributedDataParallel, BatchNorm statistics
     stage.py       one module as one rank trains it; the state that travels to rank 0
     pipeline.py    --mode parallel: the pipeline of modules
     sequential.py  --mode sequential: each module data-parallel over every rank, the

@@ -35,6 +35,16 @@ class PeerError(RuntimeError):
         self.rank = rank
 
 
+def is_peer_failure(text: str) -> bool:
+    """Whether an error's text is a timeout or a lost connection (not, say, a shape error).
+
+    >>> is_peer_failure("Connection closed by peer"), is_peer_failure("shape mismatch")
+    (True, False)
+    """
+    return peer_failure(text) != (text.strip().splitlines()[0][:200] if text.strip()
+                                  else "unknown failure")
+
+
 def peer_failure(text: str) -> str:
     """How a torch.distributed error reads to a person: a timeout, or a peer gone.
 

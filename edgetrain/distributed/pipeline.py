@@ -12,7 +12,7 @@ different batch, and compute exactly the same weights::
             x, y = stage 0: batch t of the epoch (same seeds as one process), this replica's
                    shard;  stage k > 0: received from stage k-1         (transport.Inbox)
             out = greedy_step(module k, head k, x, y)   # backward + SGD step, this rank only
-                  (with replicas: the gradient all-reduced over the stage's replicas first)
+                  (with replicas: DDP all-reduces the gradient over the stage's replicas)
             send (out, y) to stage k+1, at most --in-flight undelivered  (transport.Outbox)
         evaluate: the test set flows through the pipeline the same way (eval mode)
         epoch's numbers and state -> rank 0, which writes the checkpoint and the log
@@ -43,6 +43,7 @@ from edgetrain.distributed.stage import (
     Stage,
     check_replicas_agree,
     checkpoint_parts,
+    input_shape,
     payload_of,
 )
 from edgetrain.distributed.topology import Topology, talking
@@ -98,7 +99,7 @@ def train_pipeline(ctx, topo: Topology, stage_micro: int, eval_shard: int,
                 inbox = None
             else:
                 inbox = Inbox(topo, topo.previous, [
-                    (shard_size(b, shard, r), *_input_shape(ctx, k)) for b in sizes
+                    (shard_size(b, shard, r), *input_shape(ctx, k)) for b in sizes
                     if shard_size(b, shard, r)], f"epoch {epoch + 1}'s training batches")
                 batches = _received(inbox, sizes, shard, r, R)
             status = f"epoch {epoch + 1}/{cfg.epochs}"
@@ -126,11 +127,6 @@ def train_pipeline(ctx, topo: Topology, stage_micro: int, eval_shard: int,
 def _send_output(outbox: Outbox, epoch: str, out: torch.Tensor, y: torch.Tensor,
                  step: int) -> None:
     outbox.send(out, y, f"batch {step + 1} of {epoch}")
-
-
-def _input_shape(ctx, k: int) -> tuple[int, int, int]:
-    plan = ctx.plans[k]
-    return plan.in_channels, plan.in_size, plan.in_size
 
 
 def _first_stage_batches(ctx, replica: int, shard: int, epoch: int, replicas: int):
@@ -222,7 +218,7 @@ def evaluate_stage(ctx, topo: Topology, stage: Stage, outbox: Outbox | None, eva
                   for x, y in raw_batches(ctx, False, False, None, batch_size=batch))
     else:
         inputs = Inbox(topo, topo.previous, [
-            (shard_size(b, eval_shard, r), *_input_shape(ctx, k)) for b in sizes
+            (shard_size(b, eval_shard, r), *input_shape(ctx, k)) for b in sizes
             if shard_size(b, eval_shard, r)], "the test batches")
     correct = correct_half = seen_half = 0
     for t, size in enumerate(sizes):

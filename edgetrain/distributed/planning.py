@@ -8,6 +8,11 @@ the planner (edgetrain/memory/planner.py) then picks the shard's micro-batch or
 checkpointing as for any phase. In sequential mode each rank plans every module at the shard
 size, as single-process sequential mode plans it at the batch size.
 
+With replicas, DistributedDataParallel keeps the gradients in its buckets for the whole step
+(edgetrain/distributed/replicas.py), where one process frees them before the forward pass:
+the probe holds a gradient-sized buffer besides, which counts them at the forward pass's peak
+(and twice during backward, erring on the safe side).
+
 Replicas of one stage use the smallest micro-batch any of them planned (so they agree on how
 often BatchNorm's statistics were updated: edgetrain/distributed/replicas.py), and the test
 set flows through the pipeline in shards of the smallest micro-batch of all ranks.
@@ -20,9 +25,11 @@ from edgetrain.records import RecordError
 from edgetrain.training.phase import Optim, Phase
 
 
-def stage_prober(ctx, k: int, incoming: int, outgoing: int) -> Prober:
+def stage_prober(ctx, k: int, incoming: int, outgoing: int, buckets: bool = False
+                 ) -> Prober:
     """Module ``k``'s step with ``incoming`` input batches and ``outgoing`` output batches
-    held besides (the in-flight buffers of a pipeline rank)."""
+    held besides (the in-flight buffers of a pipeline rank), and with ``buckets`` a buffer
+    the size of the gradients (DDP's, with replicas)."""
     plan = ctx.plans[k]
     shape = (plan.in_channels, plan.in_size, plan.in_size)
     out_shape = (plan.out_channels, plan.out_size, plan.out_size)
@@ -36,6 +43,9 @@ def stage_prober(ctx, k: int, incoming: int, outgoing: int) -> Prober:
         held = [torch.randn(batch_size, *shape, device=ctx.device) for _ in range(incoming)]
         held += [torch.randn(batch_size, *out_shape, device=ctx.device)
                  for _ in range(outgoing)]
+        if buckets:
+            held.append(torch.zeros(sum(p.numel() for p in phase.opt.params),
+                                    device=ctx.device))
         for _ in range(PROBE_STEPS):
             x, y = random_batch(shape, batch_size, ctx.num_classes, ctx.device)
             phase.step(x, y)
@@ -51,8 +61,9 @@ def rank_phases(ctx, topo, in_flight: int) -> list[tuple[str, Prober]]:
         k = topo.stage
         incoming = 2 if k > 0 else 0
         outgoing = in_flight if k < topo.stages - 1 else 0
-        return [(f"{who}: module {k + 1}", stage_prober(ctx, k, incoming, outgoing))]
-    return [(f"{who}: module {k + 1}", stage_prober(ctx, k, 0, 0))
+        return [(f"{who}: module {k + 1}",
+                 stage_prober(ctx, k, incoming, outgoing, topo.replicas > 1))]
+    return [(f"{who}: module {k + 1}", stage_prober(ctx, k, 0, 0, topo.replicas > 1))
             for k in range(len(ctx.plans))]
 
 

@@ -10,7 +10,7 @@ Here every rank is a replica of the one module in training (``--replicas`` = the
             every rank: each batch exactly as one process draws it (raw data for module 1,
                         cache k-1 for the others, same order and augmentation seeds), cut
                         into R shards; this rank steps on its shard, the update averaged over
-                        the ranks first (replicas.ReplicaSGD: one all-reduce per step)
+                        the ranks (replicas.Replicas: DistributedDataParallel)
             every rank: its shard of the test set; the accuracy summed over the ranks
             rank 0:     the epoch checkpoint and the log line
         every rank: its share of cache k (batch i of each split on rank i mod R), sent to
@@ -94,8 +94,9 @@ def train_sequential_replicas(ctx, topo: Topology, micros: list[list[int]],
         accuracy = _train_module(ctx, topo, stage, k, sizes, frozen)
         _add(totals, stage.timers)
         train_time, train_peak = time.perf_counter() - t, ctx.meter.read().peak_bytes
+        stage.close()  # DDP's buckets and the gradients go before the cache pass,
         module, head = freeze(stage.module), freeze(stage.head)
-        del stage  # the optimizer's momentum goes before the cache pass
+        del stage  # and the optimizer's momentum
         records.append(_finish_module(ctx, topo, k, module, head, accuracy, train_time,
                                       train_peak))
         if cfg.cache == "none":

@@ -4,8 +4,9 @@ The pipeline trains its modules through :class:`Stage` (one stage per rank), and
 data-parallel sequential mode each module in turn (every rank a replica of it). A stage is
 edgetrain's training phase
 (:class:`~edgetrain.training.phase.Phase`), built and stepped as single-process training does;
-with replicas its update goes through a :class:`~edgetrain.distributed.replicas.ReplicaSGD`
-instead of the plain SGD.
+with replicas its forward and backward go through ``DistributedDataParallel`` and its update
+through a :class:`~edgetrain.distributed.replicas.ReplicaSGD`
+(:class:`~edgetrain.distributed.replicas.Replicas`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from edgetrain.distributed.replicas import ReplicaSGD, reduce_sum
-from edgetrain.distributed.topology import Topology, gather_all
+from edgetrain.distributed.replicas import Replicas, reduce_sum
+from edgetrain.distributed.topology import Topology, gather_all, talking
 from edgetrain.training.phase import Optim, Phase
 from edgetrain.training.steps import (
     EpochStats,
@@ -26,6 +28,13 @@ from edgetrain.training.steps import (
     accumulate,
 )
 from edgetrain.training.transport import Multipliers
+
+
+def input_shape(ctx, k: int) -> tuple[int, int, int]:
+    """The shape of one input sample of module ``k`` (channels, height, width)."""
+    plan = ctx.plans[k]
+    return plan.in_channels, plan.in_size, plan.in_size
+
 
 Shards = list[int]
 """Each replica's share of one batch, in samples (replica order)."""
@@ -36,9 +45,14 @@ class Timers:
     """Where one rank's time went (seconds), and what it trained on."""
 
     compute_s: float = 0.0
-    """Forward, backward and SGD steps (without the gradient all-reduce)."""
+    """Forward, backward (with DDP's gradient all-reduce, which overlaps it) and SGD steps,
+    without the BatchNorm statistics' all-reduce."""
     allreduce_s: float = 0.0
-    """Waiting in the replicas' gradient all-reduce (communication and slower replicas)."""
+    """Waiting in the replicas' BatchNorm statistics all-reduce after backward (communication
+    and slower replicas)."""
+    grad_allreduce_s: float = 0.0
+    """The replicas' gradient all-reduce in flight: DDP runs it during backward, so it overlaps
+    ``compute_s`` and is not all waiting."""
     recv_wait_s: float = 0.0
     """Waiting for the previous stage's activations."""
     send_wait_s: float = 0.0
@@ -70,15 +84,33 @@ class Stage:
         self.module, self.head = self.phase.model, self.phase.head
         self.opt, self.sched = self.phase.opt, self.phase.sched
         self.multipliers = Multipliers() if cfg.tau_schedule == "multipliers" else None
-        if topo.replicas > 1:  # the update averages every replica's gradients first
-            self.phase.step_opt = ReplicaSGD(self.opt, [self.module, self.head], topo,
-                                             micro_batch)
-        self.step_opt = self.phase.step_opt
+        self.replicas = (Replicas(self.phase, topo, micro_batch, checkpointing)
+                         if topo.replicas > 1 else None)
         self.timers = Timers()
 
     @property
     def tau(self) -> float:
         return self.multipliers.tau if self.multipliers is not None else self.ctx.taus[self.k]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One input sample's shape (channels, height, width)."""
+        return input_shape(self.ctx, self.k)
+
+    def _talking(self):
+        """With replicas, a step's backward waits on DDP's gradient all-reduce: a replica that
+        died is reported by rank (a step's own errors keep their text in the message)."""
+        if self.replicas is None:
+            return nullcontext()
+        return talking(self.topo, f"training module {self.k + 1} (the replicas' gradient "
+                       "all-reduce)", peers=[r for r in self.topo.replica_ranks
+                                             if r != self.topo.rank], only_lost_peers=True)
+
+    def close(self) -> None:
+        """Drop what only training needs beyond the weights: DDP's buckets and the gradients."""
+        if self.replicas is not None:
+            self.replicas.close()
+            self.replicas = None
 
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor | None, torch.Tensor | None,
                                                    Shards]],
@@ -90,22 +122,30 @@ class Stage:
         stats = EpochStats()
         self.module.train()
         self.head.train()
+        replicas = self.replicas
         for step, (x, y, shards) in enumerate(batches):
-            if isinstance(self.step_opt, ReplicaSGD):
-                self.step_opt.begin(shards)
+            if replicas is not None:
+                replicas.begin(shards)
             start = time.perf_counter()
-            reduced_before = getattr(self.step_opt, "allreduce_s", 0.0)
+            reduced_before = replicas.allreduce_s if replicas is not None else 0.0
+            grads_before = replicas.grad_allreduce_s if replicas is not None else 0.0
             numbers = None
-            if x is None:
-                self.step_opt.empty_step()
-                self.sched.step()
+            with self._talking():
+                if x is None:
+                    replicas.empty_step(self.input_shape)
+                    self.sched.step()
+                else:
+                    # The output is kept only for a next stage to receive (the pipeline).
+                    out, numbers = self.phase.step(x, y, self.micro_batch,
+                                                   keep_output=on_output is not None,
+                                                   tau=self.tau)
+            if replicas is not None:
+                reduced = replicas.allreduce_s - reduced_before
+                self.timers.allreduce_s += reduced
+                self.timers.grad_allreduce_s += replicas.grad_allreduce_s - grads_before
             else:
-                # The output is kept only for a next stage to receive (the pipeline).
-                out, numbers = self.phase.step(x, y, self.micro_batch,
-                                               keep_output=on_output is not None, tau=self.tau)
-            reduced = getattr(self.step_opt, "allreduce_s", 0.0) - reduced_before
+                reduced = 0.0
             self.timers.compute_s += time.perf_counter() - start - reduced
-            self.timers.allreduce_s += reduced
             if numbers is not None:
                 self.timers.images += len(y)
                 if on_output is not None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from edgetrain.distributed.errors import LaunchError, PeerError, peer_failure
+from edgetrain.distributed.errors import LaunchError, PeerError, is_peer_failure, peer_failure
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """What torchrun (or any launcher speaking PyTorch's env:// protocol) sets for each process."""
@@ -237,8 +237,11 @@ class talking:
     PeerError that names this rank, what it was doing and, if known, the peer."""
 
     def __init__(self, topo: Topology, what: str, peer: int | None = None,
-                 peers: list[int] | None = None):
+                 peers: list[int] | None = None, only_lost_peers: bool = False):
         self.topo, self.what, self.peer, self.peers = topo, what, peer, peers
+        self.only_lost_peers = only_lost_peers
+        """Around more than communication (a training step): only a DistError, a timeout or a
+        closed connection names a peer; any other error is left as it is."""
 
     def __enter__(self) -> talking:
         return self
@@ -248,6 +251,9 @@ class talking:
                 or isinstance(error, PeerError):
             return False
         text = str(error)
+        if self.only_lost_peers and not (isinstance(error, dist.DistError)
+                                         or is_peer_failure(text)):
+            return False
         if self.peer is not None:
             who = f"; waiting on {self.topo.describe(self.peer)}"
         elif self.peers:

@@ -56,7 +56,13 @@ class Phase:
                                               optim.weight_decay, total_steps, optim.schedule)
         self.step_opt = self.opt
         """What a step's update goes through: the SGD itself, or a wrapper around it (the
-        distributed replicas' ReplicaSGD averages every replica's gradients first)."""
+        distributed replicas' ReplicaSGD combines their BatchNorm statistics first)."""
+        self.ddp: nn.Module | None = None
+        """Data-parallel replicas: ``DistributedDataParallel`` around ``Joint(model, head)``,
+        which the forward pass goes through (edgetrain/distributed/replicas.py)."""
+        self.loss_scale = 1.0
+        """What the replicas' loss is multiplied by (their share of the global batch, times
+        the replica count that DDP's average divides by)."""
 
     @classmethod
     def module(cls, spec, plan: ModulePlan, num_classes: int, device: torch.device,
@@ -98,7 +104,8 @@ class Phase:
         else:
             out, numbers = greedy_step(self.model, self.head, x, y,
                                        self.tau if tau is None else tau, self.label_smoothing,
-                                       self.step_opt, micro_batch, keep_output)
+                                       self.step_opt, micro_batch, keep_output, self.ddp,
+                                       self.loss_scale)
         self.sched.step()
         return out, numbers
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -56,9 +57,26 @@ class EpochStats:
                 "train_transport": self.transport / n, "train_accuracy": self.correct / n}
 
 
+class Joint(nn.Module):
+    """A module and its auxiliary head as one ``nn.Module``: ``forward(x, need_transport)``
+    returns ``(output, transport, logits)``. What ``DistributedDataParallel`` wraps when a
+    module trains on several replicas (edgetrain/distributed/replicas.py); it holds no state of
+    its own."""
+
+    def __init__(self, module: nn.Module, head: nn.Module):
+        super().__init__()
+        self.module, self.head = module, head
+
+    def forward(self, x: torch.Tensor, need_transport: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out, transport = self.module(x, need_transport=need_transport)
+        return out, transport, self.head(out)
+
+
 def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, tau: float,
                 label_smoothing: float, opt: SGD, micro_batch: int | None = None,
-                keep_output: bool = True) -> tuple[torch.Tensor | None, dict]:
+                keep_output: bool = True, ddp: nn.Module | None = None,
+                loss_scale: float = 1.0) -> tuple[torch.Tensor | None, dict]:
     """One update of one module and its head on input ``x``; returns the module's output,
     detached, for the next module (parallel mode; None with ``keep_output=False``) and the
     step's numbers.
@@ -71,6 +89,12 @@ def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Te
     the head's saved activations are alive until ``backward`` frees them. The transport term
     adds none in training mode (BatchNorm form, edgetrain/models/energy.py); only the direct
     form keeps each block's residue.
+
+    ``ddp``: a ``DistributedDataParallel`` around ``Joint(module, head)`` (data-parallel
+    replicas): the forward pass goes through it, its gradient all-reduce runs during the last
+    micro-batch's backward (the others accumulate under ``no_sync``), and every loss is
+    multiplied by ``loss_scale`` first (DDP averages over the replicas; the scale turns that
+    into each replica's share of the global batch).
     """
     # Flush last step's gradients before the forward pass: set_to_none frees their memory,
     # so it is not held while activations pile up.
@@ -78,12 +102,20 @@ def greedy_step(module: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Te
     n = len(y)
     size = micro_batch if micro_batch and micro_batch < n else n
     outputs, sums = [], {"loss": 0.0, "ce": 0.0, "transport": 0.0, "correct": 0}
-    for xs, ys in zip(x.split(size), y.split(size)):
-        out, transport = module(xs, need_transport=transport_weight(tau) > 0)
-        logits = head(out)
-        loss, ce = module_loss(logits, ys, transport, tau, label_smoothing)
-        share = len(ys) / n
-        (loss * share if share < 1 else loss).backward()
+    need = transport_weight(tau) > 0
+    pieces = list(zip(x.split(size), y.split(size)))
+    for i, (xs, ys) in enumerate(pieces):
+        # Replicas: only the last micro-batch's backward all-reduces the accumulated gradients.
+        with ddp.no_sync() if ddp is not None and i < len(pieces) - 1 else nullcontext():
+            if ddp is not None:
+                out, transport, logits = ddp(xs, need)
+            else:
+                out, transport = module(xs, need_transport=need)
+                logits = head(out)
+            loss, ce = module_loss(logits, ys, transport, tau, label_smoothing)
+            share = len(ys) / n
+            weight = share * loss_scale
+            (loss * weight if weight != 1 else loss).backward()
         if keep_output:
             # The output goes on without its graph: the next module must not backpropagate
             # here. (Sequential mode does not keep it: it would outlive the step's peak.)
