@@ -15,9 +15,10 @@ last one's backward communicates (the others run under ``no_sync``). DDP average
 replicas, so each replica's loss is first multiplied by ``R * shard / B``: the average becomes
 the sum weighted by each replica's share of the batch, which is what the single process
 computes when shards differ (a short last batch). A replica whose shard of that batch is
-empty still takes part (every rank must run the same backward passes): it runs the module on
-an empty batch, whose gradients are zero (``empty_step``). The gradients live in DDP's buckets
-(``gradient_as_bucket_view``): no second gradient-sized buffer. With activation checkpointing
+empty still takes part (every rank must run the same backward passes): it steps on two zero
+samples with its loss multiplied by 0, so its gradients are zero (``empty_step``). The
+gradients live in DDP's buckets (``gradient_as_bucket_view``): no second gradient-sized
+buffer. With activation checkpointing
 (edgetrain's reentrant recompute), DDP runs with ``static_graph``, which that needs.
 
 BatchNorm running statistics. In training mode they do not change what a step computes, only
@@ -47,6 +48,7 @@ from edgetrain.distributed.topology import Topology, talking
 from edgetrain.training.phase import Phase
 from edgetrain.training.sgd import SGD
 from edgetrain.training.steps import EpochStats, Joint
+from edgetrain.training.transport import module_loss, transport_weight
 
 
 def shard_size(batch: int, shard: int, index: int) -> int:
@@ -107,18 +109,23 @@ class Replicas:
         self.sgd.begin(shards)
         self.phase.loss_scale = self.topo.replicas * shards[self.topo.replica] / sum(shards)
 
-    def empty_step(self, shape: tuple[int, ...]) -> None:
+    def empty_step(self, shape: tuple[int, ...], tau: float) -> None:
         """This replica's shard is empty (``shape``: one input sample's): it adds nothing but
-        takes part in the gradient and statistics all-reduces, as every replica must."""
+        takes part in the gradient and statistics all-reduces, as every replica must.
+
+        DDP needs the same backward on every replica (with ``static_graph``, the same graph as
+        every other step), so this is an ordinary step on two zero samples with the loss
+        multiplied by 0: every gradient is exactly zero. Two, because BatchNorm cannot
+        normalise one sample at 1x1; their updates of its running statistics are undone.
+        """
         self.sgd.zero_grad()
-        x = torch.empty(0, *shape, device=self.topo.device)
-        # An empty batch: BatchNorm keeps its statistics, every gradient is zero. The zero
-        # multiple of each parameter makes sure every one gets a gradient (attention's bias
-        # table gets none from an empty batch), as DDP expects of every replica.
-        out, transport, logits = self.ddp(x, False)
-        zero = logits.sum() * 0 + sum(p.sum() for p in self.sgd.params) * 0
-        zero.backward()
-        del out, transport, logits, zero
+        x = torch.zeros(2, *shape, device=self.topo.device)
+        y = torch.zeros(2, dtype=torch.long, device=self.topo.device)
+        out, transport, logits = self.ddp(x, transport_weight(tau) > 0)
+        loss, _ = module_loss(logits, y, transport, tau, self.phase.label_smoothing)
+        (loss * 0).backward()
+        del out, transport, logits, loss
+        self.sgd.undo_statistics()
         self.sgd.step()
 
     def close(self) -> None:
@@ -181,6 +188,14 @@ class ReplicaSGD:
         self.opt.zero_grad(set_to_none=False)
         self._before = [(m.running_mean.clone(), m.running_var.clone(),
                          int(m.num_batches_tracked)) for m in self.norms]
+
+    @torch.no_grad()
+    def undo_statistics(self) -> None:
+        """BatchNorm's running statistics back to where this step began."""
+        for m, (mean0, var0, tracked) in zip(self.norms, self._before):
+            m.running_mean.copy_(mean0)
+            m.running_var.copy_(var0)
+            m.num_batches_tracked.fill_(tracked)
 
     @torch.no_grad()
     def step(self) -> None:

@@ -132,7 +132,7 @@ class Stage:
             numbers = None
             with self._talking():
                 if x is None:
-                    replicas.empty_step(self.input_shape)
+                    replicas.empty_step(self.input_shape, self.tau)
                     self.sched.step()
                 else:
                     # The output is kept only for a next stage to receive (the pipeline).

@@ -168,13 +168,12 @@ class SwinBlock(PreNormBlock):
         if s:
             x = torch.roll(x, (-s, -s), dims=(1, 2))
         windows = to_windows(x, w)  # [N, nW, T, D]
-        nw, t = windows.shape[1], w * w  # nW spelled out: an empty batch (a replica's share
-        # of a short last batch, edgetrain/distributed/replicas.py) cannot infer it
-        q, k, v = self.qkv(windows).reshape(n, nw, t, 3, h, d // h).permute(3, 0, 1, 4, 2, 5)
+        t = w * w
+        q, k, v = self.qkv(windows).reshape(n, -1, t, 3, h, d // h).permute(3, 0, 1, 4, 2, 5)
         bias = self.bias_table[self.bias_index].permute(2, 0, 1)  # [heads, T, T]
         mask = bias[None] + self.shift_mask[:, None]  # [nW, heads, T, T]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [N, nW, heads, T, hd]
-        out = self.proj(out.transpose(2, 3).reshape(n, nw, t, d))
+        out = self.proj(out.transpose(2, 3).reshape(n, -1, t, d))
         out = from_windows(out, side, w)
         return torch.roll(out, (s, s), dims=(1, 2)) if s else out
 
