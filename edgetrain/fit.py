@@ -18,7 +18,7 @@ from edgetrain.errors import UserInputError
 from edgetrain.memory import allocator
 from edgetrain.memory.costs import NetworkCosts
 from edgetrain.memory.layout import Layout, choose_num_modules, choose_split
-from edgetrain.memory.meter import MemoryMeter, current_rss_bytes
+from edgetrain.memory.meter import MemoryMeter, current_rss_bytes, long_lived_objects_frozen
 from edgetrain.memory.planner import MemoryPlan, make_plan, usable_bytes
 from edgetrain.models.catalog import CUSTOM, family
 from edgetrain.models.families import CustomSpec, network_spec
@@ -111,6 +111,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         check_new_run(config.out, config.overwrite)
     data = load_dataset(config.dataset, config.data_dir, config.download, config.image_size,
                         config.train_limit, config.test_limit, config.seed)
+    held.enter_context(long_lived_objects_frozen())
     resolved["data_fingerprint"] = data_fingerprint(data)
     if stored is not None and stored_resolved.get("data_fingerprint") != \
             resolved["data_fingerprint"]:

@@ -186,3 +186,42 @@ def test_impossible_budget_stops_before_training(tmp_path):
     assert result.exit_code == 5
     assert "--memory-budget 100MB" in result.output and "module 1" in result.output
     assert not out.exists()  # nothing was written: there was nothing to keep
+
+
+def test_fit_keeps_the_long_lived_heap_out_of_each_collection_and_hands_it_back(
+        tmp_path, monkeypatch):
+    """The collection before every phase skips what existed before training (gc.freeze); a
+    program that called the library gets its collector back whole, cycles made before the
+    call included."""
+    import gc
+    import weakref
+
+    from edgetrain import api
+
+    class Node:
+        pass
+
+    cycle = Node()  # alive while fit runs (so frozen with the rest), garbage after it
+    cycle.self = cycle
+    gone = weakref.ref(cycle)
+
+    seen: list[int] = []
+    real_reset = MemoryMeter.reset
+
+    def reset(self, release=True):
+        seen.append(gc.get_freeze_count())
+        real_reset(self, release)
+
+    monkeypatch.setattr(MemoryMeter, "reset", reset)
+    try:
+        api.fit(model="resnet8", widths=(4, 8, 8), modules=2, epochs=1, train_limit=64,
+                test_limit=32, batch_size=32, threads=1, method="trgl", mode="sequential",
+                out=tmp_path / "run")
+        frozen_after = gc.get_freeze_count()
+        del cycle  # a reference cycle: only the collector frees it, and only if unfrozen
+        gc.collect()
+        freed = gone() is None
+    finally:
+        gc.unfreeze()  # whatever happened, the rest of the test session is not frozen
+    assert seen and all(count > 0 for count in seen)  # every phase ran with the heap frozen
+    assert frozen_after == 0 and freed

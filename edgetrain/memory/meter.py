@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,24 @@ def release_free_memory(device: torch.device | None = None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.empty_cache()
     allocator.release_to_os()
+
+
+@contextmanager
+def long_lived_objects_frozen() -> Iterator[None]:
+    """For the block's duration, what exists now (imported modules, the loaded data) is out
+    of the cyclic garbage collector's sight (``gc.freeze``), so the ``gc.collect()`` before
+    every phase walks only what was made since: measured on this project's 2-core x86, 0.29 s
+    a call over the ~190,000 objects torch and edgetrain import, against microseconds, and a
+    sequential run makes two calls per module. Nothing garbage is frozen (collected first);
+    frozen objects are still freed by their reference counts; on exit they are handed back to
+    the collector (``gc.unfreeze``), so a program calling the library keeps its own
+    collection."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @dataclass(frozen=True)
