@@ -274,10 +274,47 @@ def test_disk_full_mid_write_removes_partial_files(tmp_path: Path, monkeypatch) 
             return getattr(self._file, name)
 
     monkeypatch.setattr(writer_module, "open", FullDisk, raising=False)
-    writer = CacheWriter(tmp_path, SAMPLE_SHAPE, count=8)
+    writer = CacheWriter(tmp_path, SAMPLE_SHAPE, count=16)
+    # The thread writes: the error surfaces at a later append or at close, never later.
     with pytest.raises(UserInputError, match="Ran out of disk space.*--cache-dtype float16"):
-        writer.append(torch.zeros(8, *SAMPLE_SHAPE), torch.zeros(8, dtype=torch.long))
+        for _ in range(2):
+            writer.append(torch.zeros(8, *SAMPLE_SHAPE), torch.zeros(8, dtype=torch.long))
+        writer.close()
     assert list(tmp_path.iterdir()) == []
+    assert not writer._thread.is_alive()
+
+
+def test_the_writer_thread_writes_what_was_appended_not_what_the_caller_did_after(
+        tmp_path: Path) -> None:
+    """append returns before the chunk is on disk: a caller that reuses its tensors in place
+    (float32 features on the CPU need no conversion, int64 labels neither) must not change
+    what is written; many appends through the one-chunk queue keep their order."""
+    features = torch.empty(4, *SAMPLE_SHAPE)
+    labels = torch.empty(4, dtype=torch.long)
+    expected = []
+    with CacheWriter(tmp_path / "c", SAMPLE_SHAPE, count=4 * 50) as writer:
+        for i in range(50):
+            features.fill_(float(i))
+            labels.fill_(i % 10)
+            writer.append(features, labels)
+            expected.append((features.clone(), labels.clone()))
+        features.fill_(-1.0)
+        labels.fill_(-1)
+        writer.close()
+    with FeatureCache.open(tmp_path / "c") as cache:
+        got = list(cache.batches(4, False, None))
+    assert len(got) == 50
+    for (f, y), (ef, ey) in zip(got, expected):
+        assert torch.equal(f, ef) and torch.equal(y, ey)
+
+
+def test_abort_with_chunks_in_flight_leaves_nothing_and_stops_the_thread(tmp_path: Path) -> None:
+    writer = CacheWriter(tmp_path / "c", SAMPLE_SHAPE, count=64)
+    for _ in range(3):
+        writer.append(torch.randn(8, *SAMPLE_SHAPE), torch.zeros(8, dtype=torch.long))
+    writer.abort()
+    assert not writer._thread.is_alive()
+    assert list((tmp_path / "c").iterdir()) == []
 
 
 def test_reading_is_o_batch_memory_and_never_maps_the_file(tmp_path: Path, monkeypatch) -> None:

@@ -1,7 +1,14 @@
 """Stream a frozen module's outputs to disk, one mini-batch at a time.
 
-Memory: the writer never holds more than one chunk (one ``append`` call) cast to the cache dtype
-on the CPU, plus the file objects' small write buffers. The whole set is never materialised.
+Writing and checksumming run on a background thread while the caller computes the next
+mini-batch (both release the GIL): on the CPU the cache pass is otherwise held up by the disk
+and the hash (measured: 3.9 s of a 62 s four-module run, writes 2.7 s and blake2b 1.3 s).
+
+Memory: the writer holds at most two chunks cast to the cache dtype on the CPU (one being
+written, one waiting; ``append`` blocks until there is room) plus the one ``append`` is
+converting, and the file objects' small write buffers. The whole set is never materialised.
+A disk error on the thread surfaces at the next ``append`` or at ``close``, before anything is
+published.
 
 Crash safety: data goes to ``*.tmp`` files that are renamed into place by ``close()``; the
 manifest is written last (tmp + ``os.replace``), so a directory with a manifest is complete.
@@ -11,7 +18,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
@@ -129,6 +138,12 @@ class CacheWriter:
             self._labels.write(labels_header)
         except OSError as err:
             self._fail_on_os_error(err)
+        # One chunk waiting while another is written: bounded memory, overlapped disk time.
+        self._chunks: queue.Queue = queue.Queue(maxsize=1)
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._write_chunks, daemon=True,
+                                        name=f"edgetrain cache writer {self.directory.name}")
+        self._thread.start()
 
     def _tmp(self, name: str) -> Path:
         return self.directory / f"{name}.tmp"
@@ -155,9 +170,14 @@ class CacheWriter:
                 f"{self._written + batch} were appended; partial files removed"
             )
 
-        # detach: the chunk must not keep the frozen module's graph alive. Only this one chunk
-        # is ever copied to the CPU (in the cache dtype), and it is freed when append returns.
+        self._raise_thread_error()
+        # detach: the chunk must not keep the frozen module's graph alive. The chunk, in the
+        # cache dtype on the CPU, is freed once the thread has written it.
         chunk = features.detach().to(device="cpu", dtype=self._torch_dtype).contiguous()
+        if chunk.data_ptr() == features.data_ptr():
+            # No conversion happened: the chunk is the caller's tensor, which it may change
+            # after append returns; the thread writes a copy.
+            chunk = chunk.clone()
         if self.dtype == "bfloat16":
             # numpy has no bfloat16: store the raw bit patterns (a view, no copy).
             array = chunk.view(torch.int16).numpy().view(STORAGE_DTYPES["bfloat16"])
@@ -166,16 +186,38 @@ class CacheWriter:
         label_array = labels.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
         label_array = label_array.astype(LABEL_DTYPE, copy=False)
 
-        features_bytes = memoryview(array.reshape(-1).view(np.uint8))
-        labels_bytes = memoryview(label_array.reshape(-1).view(np.uint8))
-        try:
-            self._features.write(features_bytes)
-            self._labels.write(labels_bytes)
-        except OSError as err:
-            self._fail_on_os_error(err)
-        self._features_hash.update(features_bytes)
-        self._labels_hash.update(labels_bytes)
+        label_array = label_array.copy()  # may be the caller's labels, as above (and tiny)
+        self._chunks.put((array, label_array))  # waits while a chunk is still waiting
         self._written += batch
+
+    def _write_chunks(self) -> None:
+        """The thread: write and hash each chunk in order until ``None``. After a disk error
+        it only drains the queue (so ``append`` never blocks on it); the caller raises it."""
+        while (item := self._chunks.get()) is not None:
+            if self._error is not None or self._failed:
+                continue
+            features_bytes = memoryview(item[0].reshape(-1).view(np.uint8))
+            labels_bytes = memoryview(item[1].reshape(-1).view(np.uint8))
+            try:
+                self._features.write(features_bytes)
+                self._labels.write(labels_bytes)
+            except OSError as err:
+                self._error = err
+                continue
+            self._features_hash.update(features_bytes)
+            self._labels_hash.update(labels_bytes)
+            del item, features_bytes, labels_bytes  # the chunk is freed here
+
+    def _stop_thread(self) -> None:
+        """Let the thread finish what is queued, and wait for it."""
+        if self._thread.is_alive():
+            self._chunks.put(None)
+            self._thread.join()
+
+    def _raise_thread_error(self) -> None:
+        if self._error is not None:
+            self._stop_thread()
+            self._fail_on_os_error(self._error)
 
     def close(self) -> CacheManifest:
         """Finish the cache and publish it; returns its manifest. Calling it twice is harmless."""
@@ -188,6 +230,8 @@ class CacheWriter:
                 f"cache was sized for {self.count} samples but only {self._written} "
                 f"were appended; partial files removed, no cache written"
             )
+        self._stop_thread()  # every chunk written (or a disk error to report)
+        self._raise_thread_error()
         try:
             for file in (self._features, self._labels):
                 file.flush()
@@ -226,7 +270,9 @@ class CacheWriter:
 
     def abort(self) -> None:
         """Close and delete everything this writer wrote; the directory holds no cache after."""
-        self._failed = True
+        self._failed = True  # the thread stops writing (it drains what is queued)
+        if getattr(self, "_thread", None) is not None:
+            self._stop_thread()
         for file in (self._features, self._labels):
             if file is not None and not file.closed:
                 file.close()
