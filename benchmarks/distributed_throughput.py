@@ -164,7 +164,8 @@ def measure(name: str, layout: tuple[int, int, int, str], common: list[str], arg
             "peak_memory_bytes": report["peak_memory_bytes"],
             "loadavg_before": load_before,
             "ranks": [{k: r.get(k) for k in ("rank", "stage", "replica", "compute_s",
-                                             "allreduce_s", "recv_wait_s", "send_wait_s",
+                                             "allreduce_s", "grad_allreduce_s",
+                                             "recv_wait_s", "send_wait_s",
                                              "sync_s", "eval_s", "communication_wait_s",
                                              "images_per_s", "peak_memory_bytes")}
                       for r in ranks]}
