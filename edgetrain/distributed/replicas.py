@@ -34,6 +34,7 @@ sequential result is
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 
@@ -77,6 +78,15 @@ def batch_sizes(n: int, batch_size: int) -> list[int]:
     return [min(batch_size, n - start) for start in range(0, n, batch_size)]
 
 
+# DDP's switch for copying replica 0's buffers at every forward pass: ``forward_sync_buffers``
+# where torch has it (it deprecates ``broadcast_buffers``), ``broadcast_buffers`` in the older
+# torch a device may ship (JetPack). This project's pinned torch takes the first.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(
+                       DistributedDataParallel.__init__).parameters
+                   else {"broadcast_buffers": False})
+
+
 class Replicas:
     """Module ``phase.model`` and its head, trained by the R replicas of this rank's stage:
     ``DistributedDataParallel`` over ``Joint(model, head)`` in the stage's process group, and a
@@ -92,8 +102,8 @@ class Replicas:
                      peers=[r for r in topo.replica_ranks if r != topo.rank]):
             self.ddp = DistributedDataParallel(
                 Joint(phase.model, phase.head), device_ids=devices,
-                process_group=topo.stage_group, forward_sync_buffers=False,
-                gradient_as_bucket_view=True, static_graph=checkpointing)
+                process_group=topo.stage_group, gradient_as_bucket_view=True,
+                static_graph=checkpointing, **_NO_BUFFER_SYNC)
         self.ddp.register_comm_hook(self, _timed_allreduce)
         self.sgd = ReplicaSGD(phase.opt, [phase.model, phase.head], topo, micro_batch)
         phase.ddp, phase.step_opt = self.ddp, self.sgd
