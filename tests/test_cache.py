@@ -417,3 +417,23 @@ def test_parts_of_every_batch_are_the_shards_of_the_whole_batches(tmp_path: Path
         assert torch.equal(torch.cat([y0, y1]), y)
         assert torch.equal(torch.cat([x0, x1]).float(), x.float())
         assert x1.shape[1:] == (3,)
+
+
+def test_an_error_on_the_writer_thread_that_is_not_the_disks_reaches_the_caller(
+        tmp_path: Path, monkeypatch) -> None:
+    """Any failure on the thread (here the checksum's) is raised to the caller at the next
+    append or at close, the partial files are removed, and append never waits on a dead
+    thread: the thread keeps draining the queue."""
+    writer = CacheWriter(tmp_path / "c", SAMPLE_SHAPE, count=40)
+
+    class Broken:
+        def update(self, data):
+            raise RuntimeError("hash broke")
+
+    monkeypatch.setattr(writer, "_features_hash", Broken())
+    with pytest.raises(RuntimeError, match="hash broke"):
+        for _ in range(5):  # more chunks than the queue holds: a dead thread would block here
+            writer.append(torch.zeros(8, *SAMPLE_SHAPE), torch.zeros(8, dtype=torch.long))
+        writer.close()
+    assert not writer._thread.is_alive()
+    assert list((tmp_path / "c").iterdir()) == []

@@ -140,7 +140,7 @@ class CacheWriter:
             self._fail_on_os_error(err)
         # One chunk waiting while another is written: bounded memory, overlapped disk time.
         self._chunks: queue.Queue = queue.Queue(maxsize=1)
-        self._error: OSError | None = None
+        self._error: Exception | None = None
         self._thread = threading.Thread(target=self._write_chunks, daemon=True,
                                         name=f"edgetrain cache writer {self.directory.name}")
         self._thread.start()
@@ -191,8 +191,9 @@ class CacheWriter:
         self._written += batch
 
     def _write_chunks(self) -> None:
-        """The thread: write and hash each chunk in order until ``None``. After a disk error
-        it only drains the queue (so ``append`` never blocks on it); the caller raises it."""
+        """The thread: write and hash each chunk in order until ``None``. After an error (a
+        full disk, or anything else) it only drains the queue (so ``append`` never blocks on
+        it); the caller raises it."""
         while (item := self._chunks.get()) is not None:
             if self._error is not None or self._failed:
                 continue
@@ -201,11 +202,12 @@ class CacheWriter:
             try:
                 self._features.write(features_bytes)
                 self._labels.write(labels_bytes)
-            except OSError as err:
+                self._features_hash.update(features_bytes)
+                self._labels_hash.update(labels_bytes)
+            except Exception as err:  # noqa: BLE001 - any error, not only the disk's: the
+                # thread must never die with chunks queued (append would wait for it forever)
                 self._error = err
                 continue
-            self._features_hash.update(features_bytes)
-            self._labels_hash.update(labels_bytes)
             del item, features_bytes, labels_bytes  # the chunk is freed here
 
     def _stop_thread(self) -> None:
