@@ -336,6 +336,9 @@ def _train_pipeline(ctx, topo: Topology, micros: list[list[int]], checkpointing:
     eval_shard = min(m[0] for m in micros)
     stage, result = train_pipeline(ctx, topo, stage_micro, eval_shard, config.in_flight,
                                    checkpointing[0])
+    # DDP (and its reducer's threads) go now, while the process groups still exist: left to
+    # the interpreter's exit, after destroy_process_group, a rank was seen to abort there.
+    stage.close()
     timers = stage.timers
     return {"kind": "pipeline", "result": result, "micro": stage_micro,
             "rank": {"train_time_s": round(result.train_time_s, 3),
