@@ -35,14 +35,23 @@ class PeerError(RuntimeError):
         self.rank = rank
 
 
+def _lost_peer(text: str) -> str | None:
+    """A timeout or a lost connection, in words; None for any other error text."""
+    lowered = text.lower()
+    if "timed out" in lowered or "timeout" in lowered:
+        return "no answer within the timeout"
+    if "closed" in lowered or "reset" in lowered or "broken pipe" in lowered:
+        return "the connection was closed: the peer died or stopped"
+    return None
+
+
 def is_peer_failure(text: str) -> bool:
     """Whether an error's text is a timeout or a lost connection (not, say, a shape error).
 
     >>> is_peer_failure("Connection closed by peer"), is_peer_failure("shape mismatch")
     (True, False)
     """
-    return peer_failure(text) != (text.strip().splitlines()[0][:200] if text.strip()
-                                  else "unknown failure")
+    return _lost_peer(text) is not None
 
 
 def peer_failure(text: str) -> str:
@@ -53,9 +62,5 @@ def peer_failure(text: str) -> str:
     >>> peer_failure("Timed out waiting 2000ms for send operation to complete")
     'no answer within the timeout'
     """
-    lowered = text.lower()
-    if "timed out" in lowered or "timeout" in lowered:
-        return "no answer within the timeout"
-    if "closed" in lowered or "reset" in lowered or "broken pipe" in lowered:
-        return "the connection was closed: the peer died or stopped"
-    return text.strip().splitlines()[0][:200] if text.strip() else "unknown failure"
+    return _lost_peer(text) or (text.strip().splitlines()[0][:200] if text.strip()
+                                else "unknown failure")
