@@ -75,6 +75,20 @@ def fit(
     **values,
 ) -> None:
     """Train a network module by module (TRGL), or end to end as the baseline."""
+    from edgetrain.distributed.topology import leave_after_failure
+
+    try:
+        _fit(ctx, device_profile, progress, values)
+    except typer.Exit as e:
+        if e.exit_code:
+            leave_after_failure(e.exit_code)  # only returns outside a distributed job
+        raise
+    except BaseException:
+        leave_after_failure(1, traceback=True)
+        raise
+
+
+def _fit(ctx: typer.Context, device_profile: str | None, progress: bool, values: dict) -> None:
     from edgetrain.distributed.errors import PeerError
     from edgetrain.fit import fit as run_fit
     from edgetrain.memory.planner import BudgetError

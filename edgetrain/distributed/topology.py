@@ -27,6 +27,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -270,3 +271,24 @@ def finish(topo: Topology | None, clean: bool) -> None:
     shutdown, so the process groups are then left for the process's exit to drop."""
     if topo is not None and clean and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave_after_failure(code: int, traceback: bool = False) -> None:
+    """End this rank's process now with ``code`` if it is still in a job after a failure.
+
+    :func:`finish` leaves the process groups alone after a failure, and letting the
+    interpreter's exit drop them is not safe: gloo's threads are then destroyed while still
+    joinable and the C++ runtime aborts the process ("terminate called without an active
+    exception", exit -6 instead of the error's code; seen in CI), or a send to a dead peer
+    blocks the exit. Every file edgetrain writes is complete before this point (written
+    atomically or removed in ``finally``), so skipping the interpreter's teardown loses
+    nothing. Outside a distributed job this returns and the caller exits normally."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if traceback:
+        import traceback as tb
+
+        tb.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
