@@ -49,8 +49,8 @@ class LightHead(AuxHead):
     2024): the convolution runs on (8/28)^2 = 8% of the positions at 28 px, so the activation
     it keeps and the gradients around it shrink by the same factor, and so does its compute.
     Same parameters (names and shapes) as the DGL head, so only the run's model.json tells the
-    two apart. Its accuracy cost against the DGL head on the full Fashion-MNIST is NOT measured
-    yet (issue 11, item 4: unfinished).
+    two apart. Its accuracy against the DGL head on the full Fashion-MNIST, one seed and one
+    epoch: +0.32 points, within noise (README, *The light head against the DGL head*).
     """
 
     def __init__(self, channels: int, num_classes: int, in_size: int, pool: int = 2,
