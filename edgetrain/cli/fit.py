@@ -83,6 +83,10 @@ def fit(
         if e.exit_code:
             leave_after_failure(e.exit_code)  # only returns outside a distributed job
         raise
+    except SystemExit as e:
+        if e.code:
+            leave_after_failure(e.code if isinstance(e.code, int) else 1)
+        raise
     except BaseException:
         leave_after_failure(1, traceback=True)
         raise
