@@ -268,7 +268,8 @@ class talking:
 
 def finish(topo: Topology | None, clean: bool) -> None:
     """Leave the job. After a failure, pending sends to a dead peer could block a clean
-    shutdown, so the process groups are then left for the process's exit to drop."""
+    shutdown, so the process groups are then left alone: the command line ends such a rank
+    with :func:`leave_after_failure`, which skips the interpreter's teardown of them."""
     if topo is not None and clean and dist.is_initialized():
         dist.destroy_process_group()
 
