@@ -332,8 +332,19 @@ def test_smoke_preset_end_to_end_and_resume(tmp_path, monkeypatch):
         assert report["method"] == x["config"]["method"]
         assert report["num_modules"] == x["config"]["modules"]
     assert [x["modules"] for x in lines] == [None, 2, 2, 1, 2]
+    for x in lines:  # every evaluated network, with its time and exit, from metrics.jsonl
+        curve = x["accuracy_curve"]
+        assert curve and all(0 < acc <= 1 for _, acc, _ in curve)
+        assert [t for t, _, _ in curve] == sorted(t for t, _, _ in curve)
+        assert curve[-1][0] <= x["wall_time_s"]
+        exits = {e for _, _, e in curve}
+        assert exits == ({None} if x["modules"] is None else set(range(1, x["modules"] + 1)))
+    e2e = lines[0]
+    assert e2e["accuracy_curve"][-1][1] == e2e["test_accuracy"]
     table = (out / "results.md").read_text()
     assert table.count("| ok |") == 5
+    assert "## Time to end-to-end's accuracy" in table
+    assert f"| e2e | – | – | {100 * e2e['test_accuracy']:.2f}% |" in table
     assert (out / "memory_vs_accuracy.png").read_bytes().startswith(PNG_MAGIC)
 
     # Resume: everything is finished, so nothing runs (no subprocess at all).
@@ -453,3 +464,38 @@ def test_a_preset_edited_to_vary_a_setting_keeps_its_finished_runs(tmp_path, mon
     assert len(calls) == 2
     seed = calls[1][calls[1].index("--seed") + 1]
     assert seed == "1"
+
+
+def test_time_to_accuracy_table_sets_each_run_against_its_e2e_run(tmp_path):
+    """The e2e run's final accuracy is the target; each run's first evaluated network at or
+    above it (any exit) is reported with the ratio to e2e's own time. A run that never gets
+    there says so with its best; a row without a curve (written before curves were kept, its
+    run folder gone) is left out instead of failing the report."""
+    from edgetrain.bench.report import markdown_report
+
+    def line(method, seed, accuracy, curve, run_dir=None):
+        return {"method": method, "modules": None if method == "e2e" else 4,
+                "mode": None if method == "e2e" else "sequential", "cache": None,
+                "config": {"method": method, "seed": seed}, "status": "ok",
+                "preset": "t", "dataset": "fashion-mnist", "model": "resnet20",
+                "test_accuracy": accuracy, "peak_memory_bytes": 700 * MiB,
+                "training_memory_bytes": 100 * MiB, "wall_time_s": 500.0,
+                "accuracy_curve": curve, "run_dir": run_dir}
+
+    table = markdown_report([
+        line("e2e", 0, 0.88, [[100.0, 0.85, None], [200.0, 0.89, None], [300.0, 0.88, None]]),
+        line("trgl", 0, 0.885, [[50.0, 0.80, 1], [120.0, 0.881, 2], [250.0, 0.885, 4]]),
+        line("e2e", 1, 0.90, [[400.0, 0.90, None]]),
+        line("vanilla", 1, 0.89, [[90.0, 0.85, 1], [180.0, 0.89, 2]]),
+        line("trgl", 1, 0.91, None, run_dir=str(tmp_path / "gone")),
+    ])
+    section = table.split("## Time to end-to-end's accuracy", 1)[1]
+    rows = [r for r in section.splitlines() if r.startswith("| e2e") or r.startswith("| trgl")
+            or r.startswith("| vanilla")]
+    # e2e first reached its own final 88% after 200 s (it dipped after): that is its time.
+    assert rows == [
+        "| e2e | – | – | 0 | 88.00% | 200.0 s | whole network | 1.00 |",
+        "| trgl | 4 | sequential | 0 | 88.00% | 120.0 s | module 2 | 0.60 |",
+        "| e2e | – | – | 1 | 90.00% | 400.0 s | whole network | 1.00 |",
+        "| vanilla | 4 | sequential | 1 | 90.00% | not reached (best 89.00%) | – | – |",
+    ]

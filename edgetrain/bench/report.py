@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgetrain.bench.curves import Point, run_curve, time_to
 from edgetrain.bench.fidelity import FIDELITY_PLOT, fidelity_table, plot_fidelity
 from edgetrain.bench.runner import FINISHED, RESULTS, read_results
 from edgetrain.errors import UserInputError
@@ -184,12 +185,64 @@ def markdown_report(results: list[dict]) -> str:
                 "*does not fit* was refused before training."]
     out += depth_report(ok)
     out += fidelity_table(ok)
+    out += time_to_accuracy_table(ok, varied)
     for r in results:
         if r["status"] != "ok" and r.get("stderr_tail"):
             tail = r["stderr_tail"].strip().splitlines()[-3:]
             out += ["", f"{_STATUS.get(r['status'], 'Failed')}: `{r['run_id']}`:", "```",
                     *tail, "```"]
     return "\n".join(out) + "\n"
+
+
+def _curve(r: dict) -> list[Point] | None:
+    """The row's accuracy curve: kept in results.jsonl since the curves exist, read from the
+    run folder for rows written before (None if neither has it)."""
+    if r.get("accuracy_curve") is not None:
+        return [tuple(p) for p in r["accuracy_curve"]]
+    return run_curve(r["run_dir"]) if r.get("run_dir") else None
+
+
+def time_to_accuracy_table(measured: list[dict], varied: list[str]) -> list[str]:
+    """How soon each run had a network as accurate as the e2e run it is set against ended
+    (edgetrain/bench/curves.py): seconds, the exit that got there, and the ratio to the
+    time e2e itself first got there. Empty without an e2e run that has a curve."""
+    targets: dict[tuple, tuple[float, float]] = {}
+    for r in measured:
+        curve = _curve(r)
+        if r["method"] != "e2e" or not curve:
+            continue
+        reached = time_to(curve, r["test_accuracy"])
+        if reached is not None:
+            targets.setdefault(_baseline_key(r, varied), (r["test_accuracy"], reached[0]))
+    rows = []
+    for r in measured:
+        target = targets.get(_baseline_key(r, varied))
+        curve = _curve(r)
+        if target is None or not curve:
+            continue
+        accuracy, e2e_seconds = target
+        reached = time_to(curve, accuracy)
+        settings = [_cell(r["config"].get(key)) for key in varied]
+        if reached is None:
+            best = max(p[1] for p in curve)
+            cells = [f"not reached (best {100 * best:.2f}%)", "–", "–"]
+        else:
+            seconds, _, exit_ = reached
+            cells = [f"{seconds:.1f} s", "whole network" if exit_ is None else f"module {exit_}",
+                     f"{seconds / e2e_seconds:.2f}" if e2e_seconds > 0 else "–"]
+        rows.append("| " + " | ".join([r["method"], _cell(r["modules"]), _cell(r["mode"]),
+                                       *settings, f"{100 * accuracy:.2f}%", *cells]) + " |")
+    if not rows:
+        return []
+    columns = ["method", "K", "mode", *varied, "target (e2e's accuracy)", "first reached at",
+               "by", "vs e2e"]
+    return ["", "## Time to end-to-end's accuracy", "",
+            "When each run first had a network at least as accurate as the e2e run it is set "
+            "against ended: every test evaluation a run logged counts (e2e after an epoch; a "
+            "greedy run's modules 1..k with head k, i.e. an early exit), in seconds since the "
+            "run started. Wall-clock times: compare rows that shared the machine alike "
+            "(run side by side, or each alone).", "",
+            "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *rows]
 
 
 def depth_report(measured: list[dict]) -> list[str]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edgetrain.bench.curves import run_curve
 from edgetrain.bench.grid import (
     Preset,
     RunSpec,
@@ -291,7 +292,9 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
                     f"flags the bench gave `edgetrain fit`: {wrong}"}
         status = "ok" if proc.returncode == 0 else "over_budget"
         extra = {} if proc.returncode == 0 else {"stderr_tail": tail}
-        return {**line, "status": status, **extra, **result_fields(report)}
+        # Every evaluated network with its time: the report's time-to-accuracy table.
+        return {**line, "status": status, **extra, **result_fields(report),
+                "accuracy_curve": run_curve(run_dir)}
     if proc.returncode == EXIT_DOES_NOT_FIT:
         return {**line, "status": "does_not_fit", "stderr_tail": tail}
     return {**line, "status": "failed", "stderr_tail": tail}
