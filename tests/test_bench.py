@@ -344,6 +344,7 @@ def test_smoke_preset_end_to_end_and_resume(tmp_path, monkeypatch):
     table = (out / "results.md").read_text()
     assert table.count("| ok |") == 5
     assert "## Time to end-to-end's accuracy" in table
+    assert (out / "accuracy_over_time.png").read_bytes().startswith(PNG_MAGIC)
     assert f"| e2e | – | – | {100 * e2e['test_accuracy']:.2f}% |" in table
     assert (out / "memory_vs_accuracy.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -471,7 +472,7 @@ def test_time_to_accuracy_table_sets_each_run_against_its_e2e_run(tmp_path):
     above it (any exit) is reported with the ratio to e2e's own time. A run that never gets
     there says so with its best; a row without a curve (written before curves were kept, its
     run folder gone) is left out instead of failing the report."""
-    from edgetrain.bench.report import markdown_report
+    from edgetrain.bench.report import markdown_report, plot_accuracy_over_time
 
     def line(method, seed, accuracy, curve, run_dir=None):
         return {"method": method, "modules": None if method == "e2e" else 4,
@@ -482,13 +483,14 @@ def test_time_to_accuracy_table_sets_each_run_against_its_e2e_run(tmp_path):
                 "training_memory_bytes": 100 * MiB, "wall_time_s": 500.0,
                 "accuracy_curve": curve, "run_dir": run_dir}
 
-    table = markdown_report([
+    lines = [
         line("e2e", 0, 0.88, [[100.0, 0.85, None], [200.0, 0.89, None], [300.0, 0.88, None]]),
         line("trgl", 0, 0.885, [[50.0, 0.80, 1], [120.0, 0.881, 2], [250.0, 0.885, 4]]),
         line("e2e", 1, 0.90, [[400.0, 0.90, None]]),
         line("vanilla", 1, 0.89, [[90.0, 0.85, 1], [180.0, 0.89, 2]]),
         line("trgl", 1, 0.91, None, run_dir=str(tmp_path / "gone")),
-    ])
+    ]
+    table = markdown_report(lines)
     section = table.split("## Time to end-to-end's accuracy", 1)[1]
     rows = [r for r in section.splitlines() if r.startswith("| e2e") or r.startswith("| trgl")
             or r.startswith("| vanilla")]
@@ -499,3 +501,8 @@ def test_time_to_accuracy_table_sets_each_run_against_its_e2e_run(tmp_path):
         "| e2e | – | – | 1 | 90.00% | 400.0 s | whole network | 1.00 |",
         "| vanilla | 4 | sequential | 1 | 90.00% | not reached (best 89.00%) | – | – |",
     ]
+    # The same curves as a picture; none at all, no file (and no empty plot).
+    assert plot_accuracy_over_time(lines, tmp_path / "time.png")
+    assert (tmp_path / "time.png").read_bytes().startswith(PNG_MAGIC)
+    assert not plot_accuracy_over_time(lines[-1:], tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

@@ -21,6 +21,7 @@ from edgetrain.units import format_bytes
 
 TABLE = "results.md"
 PLOT = "memory_vs_accuracy.png"
+TIME_PLOT = "accuracy_over_time.png"
 MARKERS = {"e2e": "o", "e2e-ckpt": "s", "vanilla": "^", "trgl": "D"}
 COLORS = {"e2e": "tab:gray", "e2e-ckpt": "tab:brown", "vanilla": "tab:blue", "trgl": "tab:red"}
 
@@ -81,6 +82,7 @@ def write_report(out: Path) -> ReportFiles:
     plot_memory_vs_accuracy(results, plot_path)
     # A fidelity grid (TRGL and vanilla paired by seed) also gets its gaps plotted.
     plot_fidelity([r for r in results if _measured(r)], out / FIDELITY_PLOT)
+    plot_accuracy_over_time([r for r in results if _measured(r)], out / TIME_PLOT)
     finished = sum(r["status"] in FINISHED for r in results)
     return ReportFiles(table_path, plot_path, finished, len(results) - finished)
 
@@ -353,3 +355,54 @@ def plot_memory_vs_accuracy(results: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_accuracy_over_time(measured: list[dict], path: Path) -> bool:
+    """Best test accuracy so far against wall time, one line per run (a greedy run's points
+    are its exits: modules 1..k with head k), with each e2e run's final accuracy as a thin
+    line: the picture of *Time to end-to-end's accuracy*. One panel per data set and model;
+    False (nothing written) if no run has a curve."""
+    curves = [(r, _curve(r)) for r in measured]
+    curves = [(r, c) for r, c in curves if c]
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on boards and CI machines
+    import matplotlib.pyplot as plt
+
+    varied = varied_settings([r for r, _ in curves])
+    groups = sorted({_group(r) for r, _ in curves}, key=str)
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.4 * len(groups), 4.8), squeeze=False)
+    # One line style per setting e2e shares (a budget, a seed): a run and its e2e look alike.
+    keys = list(dict.fromkeys(_baseline_key(r, varied) for r, _ in curves))
+    styles = ["-", "--", ":", "-."]
+    for ax, group in zip(axes[0], groups):
+        for r, curve in (rc for rc in curves if _group(rc[0]) == group):
+            style = styles[keys.index(_baseline_key(r, varied)) % len(styles)]
+            seconds, best, top = [], [], 0.0
+            for t, accuracy, _ in curve:
+                top = max(top, accuracy)
+                seconds.append(t)
+                best.append(100 * top)
+            label = " ".join(filter(None, [r["method"], _point_label(r, {"mode"}), *(
+                f"{key}={r['config'][key]}" for key in varied
+                if r["config"].get(key) is not None)]))
+            color = COLORS.get(r["method"])
+            ax.step(seconds, best, where="post", color=color, linestyle=style, linewidth=1.2,
+                    label=label)
+            ax.scatter(seconds, best, marker=MARKERS.get(r["method"], "o"), s=14, color=color)
+            if r["method"] == "e2e":
+                ax.axhline(100 * r["test_accuracy"], color=color, linestyle=style,
+                           linewidth=0.7, alpha=0.7)
+        dataset, model = group
+        ax.set_title(" / ".join(str(v) for v in (dataset, model) if v))
+        ax.set_xlabel("wall time since the run started (s)")
+        ax.set_ylabel("best test accuracy so far (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("accuracy over time (thin lines: each e2e run's final accuracy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
