@@ -32,40 +32,10 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from edgetrain.models.pooling import MatrixAvgPool2d
+
 OPSET = 17
 EXPORTER = "torch.onnx.export(dynamo=False) (TorchScript-based)"
-
-
-class MatrixAvgPool2d(nn.Module):
-    """``nn.AdaptiveAvgPool2d(out)`` for a fixed input size, as ``P_h @ x @ P_w^T``.
-
-    Row i of ``P`` averages input positions ``floor(i n / o) .. ceil((i + 1) n / o) - 1``,
-    exactly PyTorch's adaptive windows (which overlap when o does not divide n). The matrices
-    are plain tensors, not buffers: the exporter writes them as constants and they never appear
-    in a state dict.
-    """
-
-    def __init__(self, output_size: tuple[int, int], input_size: tuple[int, int]):
-        super().__init__()
-        self.ph = _averaging_matrix(output_size[0], input_size[0])
-        self.pw = _averaging_matrix(output_size[1], input_size[1])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ph, pw = self.ph.to(x), self.pw.to(x)
-        return torch.matmul(torch.matmul(ph, x), pw.t())
-
-
-def _averaging_matrix(out: int, n: int) -> torch.Tensor:
-    """
-    >>> _averaging_matrix(2, 3)
-    tensor([[0.5000, 0.5000, 0.0000],
-            [0.0000, 0.5000, 0.5000]])
-    """
-    p = torch.zeros(out, n)
-    for i in range(out):
-        start, stop = (i * n) // out, -(-(i + 1) * n // out)
-        p[i, start:stop] = 1.0 / (stop - start)
-    return p
 
 
 def exportable(model: nn.Module, *example: torch.Tensor) -> nn.Module:
