@@ -283,10 +283,9 @@ def leave_after_failure(code: int, traceback: bool = False) -> None:
     exception", exit -6 instead of the error's code; seen in CI), or a send to a dead peer
     blocks the exit. Every file edgetrain writes is complete before this point (written
     atomically or removed in ``finally``), so skipping the interpreter's teardown loses
-    nothing. Outside a distributed job this returns and the caller exits normally. The Python
-    API (``edgetrain.api.fit`` with ``distributed=True``) does not come here: a library cannot
-    end its caller's process, so such a program should end with ``os._exit`` after a failure
-    of a distributed fit."""
+    nothing. Outside a distributed job this returns and the caller exits normally. A program
+    that calls :func:`edgetrain.distributed.run.fit_distributed` itself does not come here (a
+    library cannot end its caller's process): after a failure it should end the same way."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if traceback:
