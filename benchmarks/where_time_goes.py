@@ -67,9 +67,9 @@ def profile_fit(epochs: int) -> None:
         shutil.rmtree(out.parent, ignore_errors=True)
         stats = pstats.Stats(profiler).stats
         row = {"whole fit": wall}
-        for part, (path, name) in PARTS.items():
+        for part, (path, wanted) in PARTS.items():
             row[part] = sum(value[3] for (file, _, function), value in stats.items()
-                            if file.endswith(path) and function == name)
+                            if file.endswith(path) and function == wanted)
         columns[name] = row
     print(f"cProfile, {epochs} epochs ({FIT}): cumulative seconds")
     print(f"{'':<18} {'e2e':>9} {'trgl-seq':>9}")
