@@ -336,7 +336,7 @@ def test_smoke_preset_end_to_end_and_resume(tmp_path, monkeypatch):
         curve = x["accuracy_curve"]
         assert curve and all(0 < acc <= 1 for _, acc, _ in curve)
         assert [t for t, _, _ in curve] == sorted(t for t, _, _ in curve)
-        assert curve[-1][0] <= x["wall_time_s"]
+        assert curve[-1][0] <= x["wall_time_s"] + 0.1  # curve times are rounded to 0.1 s
         exits = {e for _, _, e in curve}
         assert exits == ({None} if x["modules"] is None else set(range(1, x["modules"] + 1)))
     e2e = lines[0]

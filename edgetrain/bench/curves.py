@@ -13,7 +13,8 @@ A run's *curve* is those points, as seconds since the run's ``start`` line, accu
 whose accuracy is at least X. Greedy runs count every exit: that is what early exits
 (``edgetrain export --exit-at K``) deliver. The point's network is on disk then as the run's
 resume checkpoint (a finished module's own file once the module is done). Times are wall
-clock, so they compare only between runs that shared the machine in the same way.
+clock, so they compare only between runs that shared the machine in the same way; a resumed
+run's curve also counts the time it was stopped (the bench runs every run afresh).
 """
 
 from __future__ import annotations
