@@ -208,18 +208,17 @@ def time_to_accuracy_table(measured: list[dict], varied: list[str]) -> list[str]
     """How soon each run had a network as accurate as the e2e run it is set against ended
     (edgetrain/bench/curves.py): seconds, the exit that got there, and the ratio to the
     time e2e itself first got there. Empty without an e2e run that has a curve."""
+    curves = [_curve(r) for r in measured]  # once each: it may read a run folder's log
     targets: dict[tuple, tuple[float, float]] = {}
-    for r in measured:
-        curve = _curve(r)
+    for r, curve in zip(measured, curves):
         if r["method"] != "e2e" or not curve:
             continue
         reached = time_to(curve, r["test_accuracy"])
         if reached is not None:
             targets.setdefault(_baseline_key(r, varied), (r["test_accuracy"], reached[0]))
     rows = []
-    for r in measured:
+    for r, curve in zip(measured, curves):
         target = targets.get(_baseline_key(r, varied))
-        curve = _curve(r)
         if target is None or not curve:
             continue
         accuracy, e2e_seconds = target
