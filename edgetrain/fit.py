@@ -19,7 +19,7 @@ from edgetrain.memory import allocator
 from edgetrain.memory.costs import NetworkCosts
 from edgetrain.memory.layout import Layout, choose_num_modules, choose_split
 from edgetrain.memory.meter import MemoryMeter, current_rss_bytes, long_lived_objects_frozen
-from edgetrain.memory.planner import MemoryPlan, make_plan, usable_bytes
+from edgetrain.memory.planner import BudgetExceededError, MemoryPlan, make_plan, usable_bytes
 from edgetrain.models.catalog import CUSTOM, family
 from edgetrain.models.families import CustomSpec, network_spec
 from edgetrain.models.split import split_network
@@ -139,7 +139,7 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         resolved["memory_budget_bytes"] = config.memory_budget.bytes
     # Probes (--modules auto, then the memory plan) measure each candidate module once.
     lines: dict = {}
-    layout = _layout(ctx, stored, lines)
+    layout = _layout(ctx, stored, lines, framework_bytes)
     ctx.plans = layout.plans(spec, data.info.image_size)
     ctx.taus = scheduler.tau_for(config, len(ctx.plans))
     resolved["modules"] = len(ctx.plans)
@@ -149,6 +149,11 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
             return report  # finished already, outputs intact: nothing to redo
     if config.memory_budget is not None:
         ctx.memory_plan = _memory_plan(ctx, stored, framework_bytes, lines)
+        if heap_held(device):
+            # From here on every phase starts with tcmalloc's heap held to the budget
+            # (MemoryMeter.reset); the limit is lifted when fit returns, however it ends.
+            meter.budget_bytes = config.memory_budget.bytes
+            held.callback(allocator.hold_heap_to, None, 0)
     if on_plan is not None:
         on_plan(ctx.memory_plan, layout)
     config_json = json.dumps({**config.to_dict(), "resolved": resolved}, indent=2,
@@ -185,6 +190,9 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         # Say in the log why the run stopped; finished modules and checkpoints stay.
         run.log("stopped", reason=f"{type(e).__name__}: {e}",
                 **{k: getattr(e, k) for k in ("module", "epoch", "step") if hasattr(e, k)})
+        if meter.heap_limit_bytes is not None and isinstance(e, RuntimeError) and \
+                "can't allocate memory" in str(e):
+            raise over_budget(config, meter.heap_limit_bytes) from e
         raise
     wall = time.perf_counter() - start
     save_weights(run.model_path, network.state_dict(),
@@ -215,6 +223,10 @@ def _fit(config: FitConfig, device: torch.device, framework_bytes: int,
         "allocator": alloc.as_dict(),
         "memory_budget_bytes": config.memory_budget.bytes if config.memory_budget else None,
         "memory_budget": str(config.memory_budget) if config.memory_budget else None,
+        # Whether tcmalloc's heap was held to the budget (edgetrain/memory/allocator.py), and
+        # the heap limit of the last phase (the budget less what was resident outside the heap).
+        "heap_held_to_budget": meter.budget_bytes is not None,
+        "heap_limit_bytes": meter.heap_limit_bytes,
         # --memory-budget 50%: what end-to-end training was probed to need, and the base.
         "memory_budget_reference": budget_reference,
         "device_profile": config.extra.get("device_profile"),
@@ -403,11 +415,14 @@ def _memory_plan(ctx: scheduler.Context, stored: FitConfig | None,
     from edgetrain.training.probes import phases
 
     return make_plan(phases(ctx), config.batch_size, config.memory_budget.bytes, ctx.meter,
-                     framework_bytes=framework_bytes, budget_text=str(config.memory_budget),
+                     framework_bytes=framework_bytes, held=heap_held(ctx.device),
+                     budget_text=str(config.memory_budget), alternatives=E2E_ALTERNATIVES
+                     if config.method == "e2e" else None,
                      lines=lines, growth=config.batch_growth, max_batch=len(ctx.data.train))
 
 
-def _layout(ctx: scheduler.Context, stored: FitConfig | None, lines: dict) -> Layout:
+def _layout(ctx: scheduler.Context, stored: FitConfig | None, lines: dict,
+            framework_bytes: int) -> Layout:
     """How the network is cut (edgetrain/memory/layout.py). A resumed run's layout is the one
     it started with: plan.json's, or model.json's where plan.json cannot be read (runs from
     before layouts were recorded: their config's split, which those versions computed the
@@ -442,7 +457,7 @@ def _layout(ctx: scheduler.Context, stored: FitConfig | None, lines: dict) -> La
                             config.head, config.batch_size, config.activation_checkpointing)
     from edgetrain.training.probes import layout_verdict
 
-    usable = usable_bytes(config.memory_budget.bytes)
+    usable = usable_bytes(config.memory_budget.bytes, framework_bytes, heap_held(ctx.device))
     verdict = layout_verdict(ctx, lambda k: scheduler.tau_for(config, k), usable, lines)
     return choose_num_modules(spec, costs, info.image_size, config.split, config.head,
                               config.batch_size, verdict)
@@ -467,6 +482,29 @@ def _train(ctx: scheduler.Context):
         accuracy = scheduler.test_accuracy(ctx, network)
         eval_peak = meter.read().peak_bytes
     return network, modules, train_peak, accuracy, eval_peak
+
+
+E2E_ALTERNATIVES = ("train module-wise (--method trgl or vanilla with --modules K or --modules "
+                    "auto: one module's activations at a time, not the network's), or use a "
+                    "smaller --model or --widths.")
+
+
+def heap_held(device: torch.device) -> bool:
+    """Whether a budgeted run on this device holds the CPU allocator to its budget."""
+    return device.type == "cpu" and allocator.can_hold_heap()
+
+
+def over_budget(config: FitConfig, heap_limit: int) -> BudgetExceededError:
+    """The error of a run whose allocator, held to --memory-budget, could not serve it."""
+    return BudgetExceededError(
+        f"--memory-budget {config.memory_budget}: training needed more memory than the budget "
+        f"holds, and stopped (tcmalloc's heap is held to the budget: {format_bytes(heap_limit)} "
+        f"of it besides what is resident outside the heap). Finished modules and the last "
+        f"epoch checkpoint are kept in {config.out}. Continue with a larger budget: the same "
+        f"command with --resume --allow-changes memory-budget and a larger --memory-budget "
+        f"(what is left is planned anew); or with {allocator.HOLD_ENV}=0 in the environment, "
+        "where the allocator is not held and the run may go over the budget (report.json then "
+        "says by how much).")
 
 
 def guard(ctx: scheduler.Context, modules: list[dict], train_peak: int, eval_peak: int

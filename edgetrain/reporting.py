@@ -21,7 +21,8 @@ def print_plan(plan: MemoryPlan | None, layout, console: Console) -> None:
     print_layout(layout.modules_reason, layout.reason, console)
     table = Table(title=f"memory plan: budget {format_bytes(plan.budget_bytes)}, "
                         f"usable {format_bytes(plan.usable_bytes)} after a "
-                        f"{plan.safety_margin:.0%} margin (probes took {plan.probe_time_s:.0f} s)")
+                        f"{format_bytes(plan.budget_bytes - plan.usable_bytes)} safety margin "
+                        f"(probes took {plan.probe_time_s:.0f} s)")
     for column in ("phase", "batch", "micro-batch x steps", "checkpointing", "fixed",
                    "per sample", "predicted peak"):
         table.add_column(column, justify="right")

@@ -137,3 +137,76 @@ def test_every_policy_names_a_known_malloc_and_cuda_keeps_the_old_one():
         assert (policy.preload is None) == (policy.malloc == "glibc"), policy.name
     assert allocator.CUDA_POLICY == allocator.FALLBACK_POLICY == "mmap-128k"
     assert allocator.MIXED_SHAPES_POLICY == "mmap-128k"
+
+
+HELD = """
+import json, torch
+from edgetrain.memory import allocator, meter
+MiB = 2**20
+def touch(t):
+    return t.fill_(1.0)  # resident, not just reserved
+allocator.release_to_os()
+meter._CLEAR_REFS.write_text("5")
+start = meter.current_rss_bytes()
+held = allocator.hold_heap_to(start + 64 * MiB, start) if HOLD else None
+# Ten 4 MiB buffers between small long-lived ones, then the 4 MiB ones freed: 40 MiB of
+# free holes no 40 MiB buffer fits in.
+keep, holes = [], []
+for _ in range(10):
+    holes.append(touch(torch.empty(MiB)))
+    keep.append(touch(torch.empty(64 * 1024)))
+del holes
+big = touch(torch.empty(10 * MiB))
+peak = meter._read_status_kib("VmHWM") - start
+try:
+    touch(torch.empty(25 * MiB))  # 100 MiB: over the 64 MiB the budget leaves
+    refused = None
+except RuntimeError as e:
+    refused = str(e)
+allocator.hold_heap_to(None, 0)
+touch(torch.empty(25 * MiB))  # lifted: fits again
+print(json.dumps({"held": held, "peak": peak, "refused": refused,
+                  "malloc": allocator.active_malloc()}))
+"""
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_held_heap_gives_free_pages_back_and_refuses_what_the_budget_cannot_hold(hold):
+    """tcmalloc held to a budget of 64 MiB over what the process has: a 40 MiB buffer that
+    fits in no free hole takes fresh pages only after the holes went back to the OS (the
+    peak stays within the budget, where unheld it takes both), and 100 MiB is refused with
+    torch's "can't allocate memory" instead of going over; lifted, the limit is gone."""
+    library = allocator.find_library(allocator.POLICIES["tcmalloc"].preload)
+    if library is None:
+        pytest.skip("tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
+    proc = subprocess.run([sys.executable, "-c", f"HOLD = {hold}\n" + HELD],
+                          capture_output=True, text=True, timeout=120,
+                          env=_env(LD_PRELOAD=library))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["malloc"] == "tcmalloc"
+    if hold:
+        assert result["held"] is not None and result["held"] > 64 * MiB
+        assert 40 * MiB < result["peak"] <= 64 * MiB, result
+        assert "can't allocate memory" in result["refused"]
+    else:
+        assert result["peak"] > 80 * MiB, result  # the holes and the new buffer, both
+        assert result["refused"] is None
+
+
+def test_hold_needs_tcmalloc_and_can_be_turned_off():
+    """Under glibc (this test process unless preloaded) nothing is held; EDGETRAIN_HOLD_HEAP=0
+    turns the hold off where tcmalloc serves the process."""
+    library = allocator.find_library(allocator.POLICIES["tcmalloc"].preload)
+    code = ("from edgetrain.memory import allocator; "
+            "print(allocator.can_hold_heap(), allocator.hold_heap_to(2**40, 0) is not None)")
+    glibc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, env=_env())
+    assert glibc.stdout.split() == ["False", "False"], glibc.stderr
+    if library is None:
+        pytest.skip("tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
+    for value, expected in (("1", "True"), ("0", "False")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120,
+                              env=_env(LD_PRELOAD=library, **{allocator.HOLD_ENV: value}))
+        assert proc.stdout.split()[0] == expected, proc.stderr

@@ -10,13 +10,15 @@ from edgetrain.cli import app
 from edgetrain.errors import UserInputError
 from edgetrain.memory.breakdown import count_saved_activations
 from edgetrain.memory.meter import MemoryMeter
-from edgetrain.memory.planner import BudgetError, make_plan
+from edgetrain.memory.planner import BudgetError, budget_for, make_plan
 from edgetrain.models.network import build_head, build_module, set_transport_form
 from edgetrain.models.resnet import resnet_spec
 from edgetrain.models.split import split_network
 from edgetrain.profiler.step_cost import greedy_step_cost
 from edgetrain.training.steps import greedy_step, make_optimizer
 from edgetrain.units import MemorySize
+
+MiB = 2**20
 
 TINY = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "2", "--epochs", "1",
         "--train-limit", "600", "--test-limit", "300", "--batch-size", "64", "--threads", "1",
@@ -165,9 +167,12 @@ def test_fit_under_a_tight_budget_stays_under_it(tmp_path):
     phases = json.loads((roomy / "plan.json").read_text())["phases"]
     assert [p["micro_batch"] for p in phases] == [64, 64]
     # Room for ~24 of module 1's 64 samples of activations (the costlier module) over its
-    # fixed cost, which holds the framework, the data and the weights.
-    first = phases[0]
-    budget = int((first["fixed_bytes"] + first["per_sample_bytes"] * 24) / 0.9)
+    # fixed cost, which holds the framework, the data and the weights, after the margin the
+    # planner keeps (smaller where tcmalloc's heap is held to the budget).
+    first, roomy_report = phases[0], json.loads((roomy / "report.json").read_text())
+    budget = budget_for(int(first["fixed_bytes"] + first["per_sample_bytes"] * 24),
+                        roomy_report["framework_baseline_bytes"],
+                        roomy_report["heap_held_to_budget"])
     out = tmp_path / "run"
     proc = _fit_subprocess(out, budget)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -177,6 +182,13 @@ def test_fit_under_a_tight_budget_stays_under_it(tmp_path):
     assert report["budget_exceeded"] is False
     assert all(p["measured_peak_bytes"] <= budget for p in report["phases"])
     assert report["test_accuracy"] > 0.2
+    # Under tcmalloc (CI installs it) the heap was held to the budget, and the limit left
+    # room for what the process had resident outside the heap.
+    held = report["allocator"]["malloc"] == "tcmalloc"
+    assert report["heap_held_to_budget"] is held
+    assert (report["heap_limit_bytes"] is not None) is held
+    if held:
+        assert 0 < report["heap_limit_bytes"] < budget
 
 
 def test_impossible_budget_stops_before_training(tmp_path):
@@ -225,3 +237,69 @@ def test_fit_keeps_the_long_lived_heap_out_of_each_collection_and_hands_it_back(
         gc.unfreeze()  # whatever happened, the rest of the test session is not frozen
     assert seen and all(count > 0 for count in seen)  # every phase ran with the heap frozen
     assert frozen_after == 0 and freed
+
+
+WIDE = ["--model", "resnet8", "--widths", "64,64,64", "--modules", "2", "--epochs", "1",
+        "--train-limit", "256", "--test-limit", "128", "--batch-size", "64", "--threads", "1",
+        "--no-progress"]
+"""Wide enough that a batch of 64 holds over 100 MiB of activations: far more than any margin."""
+
+
+def test_a_run_held_to_its_budget_stops_with_the_budget_named_and_loses_nothing(tmp_path):
+    """A plan that does not fit the budget (plan.json changed by hand to full batches, which a
+    resumed run trains by) meets tcmalloc's heap held to the budget: training stops with exit
+    4 and an error naming --memory-budget and how to go on, everything written is kept, and
+    the run then finishes with --resume and a larger budget."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def fit(out, *flags):
+        return subprocess.run([sys.executable, "-m", "edgetrain", "fit", *WIDE, "--out",
+                               str(out), *flags], capture_output=True, text=True, timeout=600)
+
+    roomy = fit(tmp_path / "roomy", "--memory-budget", "50GB")
+    assert roomy.returncode == 0, roomy.stderr
+    report = json.loads((tmp_path / "roomy" / "report.json").read_text())
+    if not report["heap_held_to_budget"]:
+        pytest.skip("tcmalloc is not installed here: nothing holds the heap "
+                    "(apt-get install libtcmalloc-minimal4)")
+    first = json.loads((tmp_path / "roomy" / "plan.json").read_text())["phases"][0]
+    assert first["per_sample_bytes"] * 64 > 100 * MiB
+    budget = budget_for(int(first["fixed_bytes"] + first["per_sample_bytes"] * 16),
+                        report["framework_baseline_bytes"], True)
+
+    # Start the budgeted run and stop it as soon as its plan is written.
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "edgetrain", "fit", *WIDE, "--out", str(out),
+                             "--memory-budget", str(budget)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "plan.json").exists():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    plan = json.loads((out / "plan.json").read_text())
+    assert all(p["micro_batch"] < 64 for p in plan["phases"])  # the planner needed micro-batches
+    for p in plan["phases"]:
+        p.update(micro_batch=64, accumulation=1)
+    (out / "plan.json").write_text(json.dumps(plan))
+    before = {p.relative_to(out) for p in out.rglob("*")}
+
+    held = fit(out, "--memory-budget", str(budget), "--resume")
+    assert held.returncode == 4, held.stdout + held.stderr
+    message = " ".join((held.stdout + held.stderr).split())
+    assert f"--memory-budget {budget}" in message and "--resume" in message
+    assert "Traceback" not in held.stdout + held.stderr
+    assert before <= {p.relative_to(out) for p in out.rglob("*")}  # nothing removed
+    stopped = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if '"stopped"' in line]
+    assert stopped and "can't allocate memory" in stopped[-1]["reason"]
+
+    done = fit(out, "--resume", "--allow-changes", "memory-budget", "--memory-budget", "50GB")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((out / "report.json").read_text())["test_accuracy"] > 0

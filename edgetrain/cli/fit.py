@@ -95,7 +95,7 @@ def fit(
 def _fit(ctx: typer.Context, device_profile: str | None, progress: bool, values: dict) -> None:
     from edgetrain.distributed.errors import PeerError
     from edgetrain.fit import fit as run_fit
-    from edgetrain.memory.planner import BudgetError
+    from edgetrain.memory.planner import BudgetError, BudgetExceededError
     from edgetrain.reporting import print_plan, print_report
     from edgetrain.runs.files import is_out_of_space
     from edgetrain.training.steps import NonFiniteLossError
@@ -124,6 +124,8 @@ def _fit(ctx: typer.Context, device_profile: str | None, progress: bool, values:
                          on_plan=lambda plan, layout: print_plan(plan, layout, console))
     except BudgetError as e:
         _fail(str(e), code=5)
+    except BudgetExceededError as e:  # held to the budget, training needed more
+        _fail(str(e), code=4)
     except UserInputError as e:
         _fail(str(e), code=2)
     except NonFiniteLossError as e:

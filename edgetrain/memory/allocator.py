@@ -86,6 +86,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 POLICY_ENV = "EDGETRAIN_ALLOC_POLICY"
+HOLD_ENV = "EDGETRAIN_HOLD_HEAP"
+"""``EDGETRAIN_HOLD_HEAP=0``: a budgeted run does not hold tcmalloc's heap to its budget."""
 _RELAUNCHED_ENV = "EDGETRAIN_ALLOC_RELAUNCHED"
 
 # glibc's mallopt parameter numbers (malloc.h)
@@ -278,6 +280,65 @@ def release_to_os() -> None:
         _PROCESS.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
     elif malloc == "mimalloc":
         _PROCESS.mi_collect(ctypes.c_bool(True))
+
+
+def _tcmalloc_property(name: str) -> int | None:
+    value = ctypes.c_size_t(0)
+    if not _PROCESS.MallocExtension_GetNumericProperty(name.encode(), ctypes.byref(value)):
+        return None
+    return value.value
+
+
+def heap_taken_bytes() -> int | None:
+    """Bytes tcmalloc holds from the OS for its heap (reserved minus given back), or None when
+    tcmalloc does not serve this process."""
+    if active_malloc() != "tcmalloc":
+        return None
+    size = _tcmalloc_property("generic.heap_size")
+    unmapped = _tcmalloc_property("tcmalloc.pageheap_unmapped_bytes")
+    return None if size is None or unmapped is None else size - unmapped
+
+
+def can_hold_heap() -> bool:
+    """Whether :func:`hold_heap_to` can hold this process: tcmalloc serves it, and
+    ``EDGETRAIN_HOLD_HEAP`` is not ``0``."""
+    return os.environ.get(HOLD_ENV, "1") != "0" and heap_taken_bytes() is not None
+
+
+def hold_heap_to(budget_bytes: int | None, resident_bytes: int) -> int | None:
+    """Under tcmalloc, keep the process's resident set within ``budget_bytes`` as far as the
+    heap decides it: tcmalloc's heap limit is set to the budget minus what is resident outside
+    the heap now (``resident_bytes`` minus the heap: libraries, Python's arenas, mapped files).
+    At that limit tcmalloc gives free pages back to the OS before it grows (so fragmentation
+    can no longer carry a phase over its budget), and an allocation it still cannot fit fails
+    (torch raises "can't allocate memory"), where without the limit the process would have
+    gone over the budget. Call at each phase start, after freed memory was released: what is
+    resident outside the heap changes between phases. ``None`` lifts the limit. Returns the
+    limit set, in bytes, or None (no limit: no budget, or not tcmalloc)."""
+    taken = heap_taken_bytes()
+    if taken is None:
+        return None
+    if budget_bytes is None:  # lift: back to the limit the process had (0: none)
+        if _LIMIT_BEFORE:
+            _set_heap_limit_mib(_LIMIT_BEFORE.pop())
+        return None
+    if not _LIMIT_BEFORE:
+        _LIMIT_BEFORE.append(_tcmalloc_property(_HEAP_LIMIT) or 0)
+    outside = max(0, resident_bytes - taken)
+    # The limit is in whole MiB and 0 means none: at least 1 MiB, rounded down.
+    limit_mib = max(1, (budget_bytes - outside) // MiB)
+    _set_heap_limit_mib(limit_mib)
+    return limit_mib * MiB
+
+
+_HEAP_LIMIT = "tcmalloc.heap_limit_mb"
+_LIMIT_BEFORE: list[int] = []
+"""The heap limit the process had before the first hold (a user's ``TCMALLOC_HEAP_LIMIT_MB``),
+restored when the hold is lifted."""
+
+
+def _set_heap_limit_mib(mib: int) -> None:
+    _PROCESS.MallocExtension_SetNumericProperty(_HEAP_LIMIT.encode(), ctypes.c_size_t(mib))
 
 
 def find_library(name: str | None) -> str | None:

@@ -111,6 +111,10 @@ class MemoryMeter:
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
         self._sampled_peak = 0
+        self.budget_bytes: int | None = None
+        """Set once the run is planned (``--memory-budget``): every phase then starts with the
+        CPU allocator held to it (:func:`allocator.hold_heap_to`)."""
+        self.heap_limit_bytes: int | None = None
         if device.type == "cuda" and not torch.cuda.get_device_properties(device).is_integrated:
             self.backend = "cuda"
         elif _vmhwm_resettable():
@@ -130,6 +134,11 @@ class MemoryMeter:
         """Start a new phase; by default first release memory earlier phases freed."""
         if release:
             release_free_memory(self.device)
+        if self.budget_bytes is not None and self.device.type == "cpu":
+            # What is resident outside the heap changes from phase to phase (Python's arenas,
+            # the cache's mapped files): the heap's share of the budget is set anew.
+            self.heap_limit_bytes = allocator.hold_heap_to(self.budget_bytes,
+                                                           current_rss_bytes())
         if self.backend == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -5,8 +5,8 @@ whole network end to end) the planner runs a short probe (``PROBE_STEPS`` forwar
 steps at two small batch sizes, on random inputs of the phase's real input shape), measures the
 peak with the meter, and fits ``peak(b) = fixed + per_sample * b``. ``fixed`` holds everything
 that does not grow with the batch: the framework, the dataset, weights, gradients, optimizer
-state; ``per_sample`` the activations kept for backward. Then, against ``usable = budget * (1 -
-SAFETY_MARGIN)``:
+state; ``per_sample`` the activations kept for backward. Then, against ``usable = budget -
+margin`` (:func:`margin_bytes`):
 
 1. the requested batch size if ``peak(B)`` fits; with ``--batch-growth N`` (sequential mode)
    the largest ``B * 2^j <= N * B`` that fits instead, the module's learning rate scaled by the
@@ -39,8 +39,13 @@ from edgetrain.memory.meter import MemoryMeter
 from edgetrain.units import format_bytes
 
 SAFETY_MARGIN = 0.10
-"""Share of the budget kept free for what a probe cannot see (allocator fragmentation, a
-larger last batch of the cache reader, Python garbage)."""
+"""Share kept free for what a probe cannot see (allocator fragmentation, a larger last batch of
+the cache reader, Python garbage): of the whole budget, or, where the allocator is held to the
+budget, of what the framework leaves of it (:func:`margin_bytes`)."""
+HELD_MARGIN_FLOOR = 24 * 2**20
+"""The least margin kept where the allocator is held to the budget: a probe's line can miss a
+phase's live memory by a few MiB (8 MiB measured in a planner test), and there that is not
+absorbed but fails the run."""
 MIN_MICRO_BATCH = 8
 """Smallest micro-batch the planner will choose before it turns to checkpointing: below it,
 BatchNorm statistics get noisy and throughput collapses."""
@@ -49,6 +54,11 @@ PROBE_STEPS = 2
 
 class BudgetError(UserInputError):
     """The run cannot fit the memory budget; raised before any training."""
+
+
+class BudgetExceededError(UserInputError):
+    """A run held to its budget needed more during training (its plan was wrong, or changed by
+    hand); finished modules and checkpoints are kept."""
 
 
 @dataclass(frozen=True)
@@ -180,15 +190,42 @@ def plan_phase(phase: str, prober: Prober, batch_size: int, usable: int, meter: 
                      predict(micro), probes)
 
 
-def usable_bytes(budget: int, margin: float = SAFETY_MARGIN) -> int:
-    return int(budget * (1 - margin))
+def margin_bytes(budget: int, framework_bytes: int = 0, held: bool = False) -> int:
+    """What the planner keeps free of ``budget``.
+
+    Unheld (glibc, jemalloc, mimalloc, CUDA), a share of the whole budget: what the probes
+    cannot see includes allocator fragmentation, which grows with everything the allocator
+    serves. Held (``held``: tcmalloc's heap limited to the budget, see
+    :func:`edgetrain.memory.allocator.hold_heap_to`), fragmentation is given back before it can
+    cross the budget, and what is left to absorb (a larger last batch, Python garbage) grows
+    with training memory, not with the framework measured before any data or model existed
+    (``framework_bytes``, 500-600 MiB of CUDA-build torch on a CPU): the share is of what the
+    framework leaves, and at least :data:`HELD_MARGIN_FLOOR`."""
+    if not held:
+        return int(budget * SAFETY_MARGIN)
+    return max(HELD_MARGIN_FLOOR, int((budget - framework_bytes) * SAFETY_MARGIN))
+
+
+def usable_bytes(budget: int, framework_bytes: int = 0, held: bool = False) -> int:
+    return budget - margin_bytes(budget, framework_bytes, held)
+
+
+def budget_for(need_bytes: int, framework_bytes: int = 0, held: bool = False) -> int:
+    """The smallest budget whose usable part holds ``need_bytes``."""
+    if not held:
+        return math.ceil(need_bytes / (1 - SAFETY_MARGIN))
+    # Where the share is above the floor, budget - (budget - framework) * share = need.
+    shared = math.ceil((need_bytes - framework_bytes * SAFETY_MARGIN) / (1 - SAFETY_MARGIN))
+    return max(need_bytes + HELD_MARGIN_FLOOR, shared)
 
 
 def make_plan(phases: list[tuple], batch_size: int, budget: int,
-              meter: MemoryMeter, margin: float = SAFETY_MARGIN, framework_bytes: int = 0,
+              meter: MemoryMeter, framework_bytes: int = 0, held: bool = False,
               budget_text: str | None = None, lines: dict | None = None, growth: int = 1,
-              max_batch: int | None = None) -> MemoryPlan:
-    """Plan every phase; raise BudgetError naming each phase that cannot fit.
+              max_batch: int | None = None, alternatives: str | None = None) -> MemoryPlan:
+    """Plan every phase; raise BudgetError naming each phase that cannot fit. ``held``: the
+    allocator will be held to the budget (:func:`margin_bytes`). ``alternatives``: what else
+    the error suggests besides a larger budget (default: smaller modules, lighter heads).
 
     ``phases``: ``(name, prober)`` or ``(name, prober, key)``; ``lines`` maps a key to the
     line its phase was already probed for (``--modules auto`` probes candidate modules first),
@@ -198,7 +235,8 @@ def make_plan(phases: list[tuple], batch_size: int, budget: int,
     with it (its first use loads more of torch, which would inflate every later probe).
     """
     start = time.perf_counter()
-    usable = usable_bytes(budget, margin)
+    margin = margin_bytes(budget, framework_bytes, held)
+    usable = budget - margin
     lines = {} if lines is None else lines
     results: dict[str, PhasePlan | int] = {}
     for checkpointing in (False, True):
@@ -220,21 +258,24 @@ def make_plan(phases: list[tuple], batch_size: int, budget: int,
         needs = [f"{name} needs at least {format_bytes(need)} (micro-batch "
                  f"{min(batch_size, MIN_MICRO_BATCH)})"
                  for name, need in failures]
-        hint = ("Raise --memory-budget, or use a larger --modules (smaller modules; --modules "
-                "auto finds the smallest K that fits), --head light, a smaller --model or "
-                "--widths.")
-        if framework_bytes * (1 + margin) > usable:
+        least = budget_for(max(need for _, need in failures), framework_bytes, held)
+        hint = (f"Raise --memory-budget to at least {format_bytes(least)}, or "
+                + (alternatives or "use a larger --modules (smaller modules; --modules auto "
+                   "finds the smallest K that fits), --head light, a smaller --model or "
+                   "--widths."))
+        if framework_bytes + margin_bytes(framework_bytes, framework_bytes, held) > usable:
             hint = (f"The framework alone (Python and torch, before any data or model) already "
                     f"takes {format_bytes(framework_bytes)} here, so no run fits this budget on "
                     f"this machine: raise --memory-budget above "
-                    f"{format_bytes(framework_bytes / (1 - margin) * 1.2)}.")
+                    f"{format_bytes(budget_for(framework_bytes, framework_bytes, held) * 1.2)}.")
         raise BudgetError(
-            f"{flag} ({format_bytes(budget)}) is too small: after the {margin:.0%} safety "
-            f"margin {format_bytes(usable)} is usable, but " + "; ".join(needs)
+            f"{flag} ({format_bytes(budget)}) is too small: after a safety margin of "
+            f"{format_bytes(margin)} {format_bytes(usable)} is usable, but " + "; ".join(needs)
             + f" (measured with: {meter.description}). {hint}"
         )
     plans = [results[name] for name, *_ in phases]
-    return MemoryPlan(budget, usable, margin, meter.description, plans,
+    # safety_margin stays a share of the whole budget, as plan.json has always recorded it.
+    return MemoryPlan(budget, usable, margin / budget, meter.description, plans,
                       round(time.perf_counter() - start, 3))
 
 
