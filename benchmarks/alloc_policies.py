@@ -42,6 +42,12 @@ METHODS = {
     "trgl-seq": ["--method", "trgl", "--mode", "sequential", "--cache", "disk"],
     "vanilla-seq": ["--method", "vanilla", "--mode", "sequential", "--cache", "disk"],
     "trgl-par": ["--method", "trgl", "--mode", "parallel"],
+    # Parallel mode with a budget (750 MB: every policy's peak fits at the full batch): under
+    # tcmalloc the heap is held to it (edgetrain/memory/allocator.py, hold_heap_to).
+    "trgl-par-budget": ["--method", "trgl", "--mode", "parallel", "--memory-budget", "750MB"],
+    # ... and one tight enough that both plan micro-batches.
+    "trgl-par-budget-tight": ["--method", "trgl", "--mode", "parallel", "--memory-budget",
+                              "660MB"],
     # The same with the light auxiliary heads (pool to 8x8 before the head's conv): how much
     # of TRGL's extra time the DGL heads at full resolution cost.
     "trgl-seq-light": ["--method", "trgl", "--mode", "sequential", "--cache", "disk",

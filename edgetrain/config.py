@@ -152,7 +152,8 @@ class FitConfig:
     memory_budget: MemorySize | None = None
     """Memory the run may use, e.g. 2GB (10^9 bytes), 1.5GiB (2^30 bytes), 512MB or plain
     bytes, or 50%: that share of what end-to-end training of this network at this batch needs
-    (probed first). The planner fits the run into it or refuses (see README, Memory)."""
+    (probed first). The planner fits the run into it or refuses; on the CPU under tcmalloc
+    the heap is then held to it (a run that needs more stops, exit 4; see README, Memory)."""
     eval_every_epoch: bool = True
     """Evaluate each module's auxiliary test accuracy after every epoch (else only at the end)."""
     allow_changes: tuple[str, ...] = ()

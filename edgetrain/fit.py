@@ -75,7 +75,8 @@ def fit(config: FitConfig, progress: bool = False,
     # How freed tensor memory is kept and given back, before anything is built: the planner's
     # probes below run under the same policy as training (edgetrain/memory/allocator.py).
     alloc = allocator.apply(device.type, None if config.method == "e2e" else config.mode,
-                            config.activation_checkpointing)
+                            config.activation_checkpointing,
+                            budgeted=config.memory_budget is not None)
     # Framework baseline: what the process holds before any data or model exists (torch,
     # its libraries, Python). Reported apart from training memory.
     framework_bytes = current_rss_bytes()

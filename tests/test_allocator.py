@@ -35,11 +35,12 @@ def _fit(out: Path, *flags: str, **env: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def _expected(mode: str | None = None, checkpointing: bool = False) -> tuple[str, str]:
+def _expected(mode: str | None = None, checkpointing: bool = False,
+              budgeted: bool = False) -> tuple[str, str]:
     """(policy, malloc) a fresh `edgetrain fit` in ``mode`` should run under on this machine."""
     if allocator._nvidia_device_present():
         return allocator.CUDA_POLICY, "glibc"
-    if mode == "parallel" or checkpointing:
+    if (mode == "parallel" or checkpointing) and not budgeted:
         return allocator.MIXED_SHAPES_POLICY, "glibc"
     default = allocator.POLICIES[allocator.DEFAULT_POLICY]
     if allocator.find_library(default.preload) is None:
@@ -63,12 +64,35 @@ def test_fit_runs_under_the_default_policy_and_its_probes_too(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--mode", "parallel"], ["--activation-checkpointing"]])
 def test_parallel_mode_and_checkpointing_keep_the_128k_threshold(tmp_path, flags):
-    """Both peaked over 3% higher under tcmalloc: the launcher does not preload it."""
+    """Both peaked over 3% higher under tcmalloc: without a budget to hold the heap to, the
+    launcher does not preload it."""
     report = _fit(tmp_path / "run", *flags)
     state = report["allocator"]
     expected = _expected(flags[1] if flags[0] == "--mode" else "sequential",
                          flags[0] == "--activation-checkpointing")
     assert (state["policy"], state["malloc"], state["in_effect"]) == (*expected, True), state
+
+
+@pytest.mark.parametrize("flags", [["--mode", "parallel"], ["--activation-checkpointing"]])
+def test_with_a_budget_parallel_mode_and_checkpointing_run_held_under_tcmalloc(tmp_path, flags):
+    """With --memory-budget the heap is held to the budget, which fragmentation then cannot
+    cross: the launcher preloads tcmalloc in every mode, and the run says it was held."""
+    report = _fit(tmp_path / "run", *flags, "--memory-budget", "4GB")
+    state = report["allocator"]
+    expected = _expected(flags[1] if flags[0] == "--mode" else "sequential",
+                         flags[0] == "--activation-checkpointing", budgeted=True)
+    assert (state["policy"], state["malloc"], state["in_effect"]) == (*expected, True), state
+    assert report["heap_held_to_budget"] is (state["malloc"] == "tcmalloc")
+
+
+def test_only_a_one_process_budgeted_fit_counts_as_budgeted():
+    """What the launcher reads from a command line, before anything is imported."""
+    assert allocator._budgeted_fit(["fit", "--memory-budget", "2GB"])
+    assert allocator._budgeted_fit(["fit", "--memory-budget=50%", "--mode", "parallel"])
+    assert allocator._budgeted_fit(["fit", "--device-profile", "jetson-nano-4gb"])
+    assert not allocator._budgeted_fit(["fit", "--mode", "parallel"])
+    assert not allocator._budgeted_fit(["fit", "--memory-budget", "2GB", "--distributed"])
+    assert not allocator._budgeted_fit(["profile", "--memory-budget", "2GB"])
 
 
 def test_fit_falls_back_when_the_policy_malloc_is_not_installed(tmp_path):

@@ -56,6 +56,12 @@ evaluation: :meth:`MemoryMeter.reset`), :func:`release_to_os` hands free memory 
 (``MallocExtension_ReleaseFreeMemory``, or glibc's ``malloc_trim``), so a phase starts from
 what is alive, not from what earlier phases left.
 
+With ``--memory-budget``, a run under tcmalloc is held to its budget (:func:`hold_heap_to`,
+called by :meth:`MemoryMeter.reset` at every phase start): tcmalloc's heap limit is the budget
+less what is resident outside the heap, so at the limit it returns free pages to the OS before
+growing (fragmentation cannot carry a phase over the budget), and what still does not fit fails
+instead of going over. The planner's margin is smaller there (:func:`planner.margin_bytes`).
+
 A malloc cannot be swapped inside a running process: ``LD_PRELOAD`` must name it when the
 process starts. So the ``edgetrain`` launcher (``python -m edgetrain`` and the console script)
 calls :func:`relaunch` first, which re-executes the same command once with tcmalloc preloaded
@@ -223,13 +229,18 @@ def active_malloc() -> str:
 
 
 def policy_name(mode: str | None = None, device_type: str = "cpu",
-                checkpointing: bool = False) -> str:
+                checkpointing: bool = False, budgeted: bool = False) -> str:
     """The policy for a run: ``EDGETRAIN_ALLOC_POLICY`` if set, else by device, mode (None: end
-    to end) and activation checkpointing."""
+    to end), activation checkpointing and ``budgeted`` (a one-process ``fit`` with a memory
+    budget, whose heap is held to it: :func:`hold_heap_to`). A held heap cannot fragment past
+    the budget, and the budget is what the peak has to respect: such runs take the default
+    policy in every mode."""
     if os.environ.get(POLICY_ENV):
         return os.environ[POLICY_ENV]
     if device_type == "cuda":
         return CUDA_POLICY
+    if budgeted and get_policy(DEFAULT_POLICY).malloc == "tcmalloc":
+        return DEFAULT_POLICY
     return MIXED_SHAPES_POLICY if mode == "parallel" or checkpointing else DEFAULT_POLICY
 
 
@@ -244,11 +255,11 @@ def get_policy(name: str) -> Policy:
 
 
 def apply(device_type: str = "cpu", mode: str | None = None,
-          checkpointing: bool = False) -> AllocatorState:
+          checkpointing: bool = False, budgeted: bool = False) -> AllocatorState:
     """Put the policy for this run (:func:`policy_name`) in place; call before anything large
     is built. A policy whose malloc is not in the process (not installed, or not preloaded)
     falls back to :data:`FALLBACK_POLICY`."""
-    requested = name = policy_name(mode, device_type, checkpointing)
+    requested = name = policy_name(mode, device_type, checkpointing, budgeted)
     policy, malloc, note = get_policy(name), active_malloc(), ""
     if policy.malloc != malloc and malloc == "glibc":
         why = (f"is not installed ({policy.install})" if find_library(policy.preload) is None else
@@ -415,6 +426,14 @@ def child_env(mode: str | None = None, device_type: str = "cpu",
     return _preload_env(name, env) or env
 
 
+def _budgeted_fit(argv: list[str]) -> bool:
+    """Whether a command line is a one-process ``fit`` with a memory budget (its own, or a
+    device profile's); a rank of a distributed job is not held (:func:`policy_name`)."""
+    flags = [a.split("=", 1)[0] for a in argv]
+    return ("fit" in argv and "--distributed" not in flags
+            and ("--memory-budget" in flags or "--device-profile" in flags))
+
+
 def _mode_in(argv: list[str]) -> str | None:
     """The value of ``--mode`` on a command line, if any."""
     for i, arg in enumerate(argv):
@@ -430,7 +449,7 @@ def relaunch() -> None:
     is installed but not loaded. Called by the launcher before torch is imported (a re-exec
     then costs milliseconds); returns only when there is nothing to do."""
     name = policy_name(_mode_in(sys.argv[1:]), "cpu",
-                       "--activation-checkpointing" in sys.argv[1:])
+                       "--activation-checkpointing" in sys.argv[1:], _budgeted_fit(sys.argv[1:]))
     if (name not in POLICIES or not _wants_preload(name)
             or _RELAUNCHED_ENV in os.environ):  # preloaded once already: it did not take
         return
