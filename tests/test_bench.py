@@ -54,6 +54,17 @@ def test_shipped_presets_expand_to_their_grids():
         assert len(plan(load_preset(name))) == len(expand(load_preset(name)))
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "benchmarks"
+                                          / "presets").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_preset_in_the_repo_plans_valid_runs(path):
+    """The measured presets the README quotes (budget, fidelity, tau, ...) are read by path:
+    each expands to at least one run, every run a valid `edgetrain fit` configuration, and no
+    two runs share a label."""
+    runs = expand(load_preset(str(path)))
+    assert runs and len(plan(load_preset(str(path)))) == len(runs)
+    assert len({r.label for r in runs}) == len(runs)
+
+
 def test_k_only_for_greedy_and_cache_only_for_sequential():
     runs = expand(preset([
         {"methods": ["e2e", "e2e-ckpt", "vanilla", "trgl"], "modules": [2, 4],
