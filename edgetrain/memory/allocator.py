@@ -319,7 +319,8 @@ def can_hold_heap() -> bool:
 def hold_heap_to(budget_bytes: int | None, resident_bytes: int) -> int | None:
     """Under tcmalloc, keep the process's resident set within ``budget_bytes`` as far as the
     heap decides it: tcmalloc's heap limit is set to the budget minus what is resident outside
-    the heap now (``resident_bytes`` minus the heap: libraries, Python's arenas, mapped files).
+    the heap now (``resident_bytes`` minus the heap: libraries, Python's arenas, mapped files;
+    the disk cache is read with positioned reads, not mapped).
     At that limit tcmalloc gives free pages back to the OS before it grows (so fragmentation
     can no longer carry a phase over its budget), and an allocation it still cannot fit fails
     (torch raises "can't allocate memory"), where without the limit the process would have

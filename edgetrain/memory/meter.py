@@ -136,7 +136,7 @@ class MemoryMeter:
             release_free_memory(self.device)
         if self.budget_bytes is not None and self.device.type == "cpu":
             # What is resident outside the heap changes from phase to phase (Python's arenas,
-            # the cache's mapped files): the heap's share of the budget is set anew.
+            # torch's kernel caches): the heap's share of the budget is set anew.
             self.heap_limit_bytes = allocator.hold_heap_to(self.budget_bytes,
                                                            current_rss_bytes())
         if self.backend == "cuda":
