@@ -163,36 +163,6 @@ def test_every_policy_names_a_known_malloc_and_cuda_keeps_the_old_one():
     assert allocator.MIXED_SHAPES_POLICY == "mmap-128k"
 
 
-HELD = """
-import json, torch
-from edgetrain.memory import allocator, meter
-MiB = 2**20
-def touch(t):
-    return t.fill_(1.0)  # resident, not just reserved
-allocator.release_to_os()
-meter._CLEAR_REFS.write_text("5")
-start = meter.current_rss_bytes()
-held = allocator.hold_heap_to(start + 64 * MiB, start) if HOLD else None
-# Ten 4 MiB buffers between small long-lived ones, then the 4 MiB ones freed: 40 MiB of
-# free holes no 40 MiB buffer fits in.
-keep, holes = [], []
-for _ in range(10):
-    holes.append(touch(torch.empty(MiB)))
-    keep.append(touch(torch.empty(64 * 1024)))
-del holes
-big = touch(torch.empty(10 * MiB))
-peak = meter._read_status_kib("VmHWM") - start
-try:
-    touch(torch.empty(25 * MiB))  # 100 MiB: over the 64 MiB the budget leaves
-    refused = None
-except RuntimeError as e:
-    refused = str(e)
-allocator.hold_heap_to(None, 0)
-touch(torch.empty(25 * MiB))  # lifted: fits again
-print(json.dumps({"held": held, "peak": peak, "refused": refused,
-                  "malloc": allocator.active_malloc()}))
-"""
-
 
 @pytest.mark.parametrize("hold", [True, False])
 def test_a_held_heap_gives_free_pages_back_and_refuses_what_the_budget_cannot_hold(hold):
@@ -203,9 +173,9 @@ def test_a_held_heap_gives_free_pages_back_and_refuses_what_the_budget_cannot_ho
     library = allocator.find_library(allocator.POLICIES["tcmalloc"].preload)
     if library is None:
         pytest.skip("tcmalloc is not installed (apt-get install libtcmalloc-minimal4)")
-    proc = subprocess.run([sys.executable, "-c", f"HOLD = {hold}\n" + HELD],
-                          capture_output=True, text=True, timeout=120,
-                          env=_env(LD_PRELOAD=library))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "heap_hold.py"),
+                           "--hold" if hold else "--no-hold"], capture_output=True, text=True,
+                          timeout=120, env=_env(LD_PRELOAD=library))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["malloc"] == "tcmalloc"

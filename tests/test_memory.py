@@ -148,21 +148,21 @@ def test_planner_refuses_an_impossible_budget_with_the_named_error():
     assert "framework alone" in message
 
 
-def _fit_subprocess(out, budget):
-    """`edgetrain fit` in its own process: a clean peak, free of what other tests left behind."""
+def _fit_subprocess(out, *flags, model=None):
+    """`edgetrain fit` in its own process: a clean peak, free of what other tests left behind.
+    ``model``: the fit flags of the network and data (default TINY)."""
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "edgetrain", "fit", *TINY, "--out", str(out),
-                           "--memory-budget", str(budget)], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "edgetrain", "fit", *(model or TINY), "--out",
+                           str(out), *flags], capture_output=True, text=True, timeout=600)
 
 
 def test_fit_under_a_tight_budget_stays_under_it(tmp_path):
     """Learn the run's costs from a roomy plan, then ask for a budget that forces
     micro-batches: the run must plan them, and its measured peak must stay within it."""
     roomy = tmp_path / "roomy"
-    proc = _fit_subprocess(roomy, "50GB")
+    proc = _fit_subprocess(roomy, "--memory-budget", "50GB")
     assert proc.returncode == 0, proc.stderr
     phases = json.loads((roomy / "plan.json").read_text())["phases"]
     assert [p["micro_batch"] for p in phases] == [64, 64]
@@ -174,7 +174,7 @@ def test_fit_under_a_tight_budget_stays_under_it(tmp_path):
                         roomy_report["framework_baseline_bytes"],
                         roomy_report["heap_held_to_budget"])
     out = tmp_path / "run"
-    proc = _fit_subprocess(out, budget)
+    proc = _fit_subprocess(out, "--memory-budget", str(budget))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert (out / "plan.json").exists()
@@ -257,8 +257,7 @@ def test_a_run_held_to_its_budget_stops_with_the_budget_named_and_loses_nothing(
     import time
 
     def fit(out, *flags):
-        return subprocess.run([sys.executable, "-m", "edgetrain", "fit", *WIDE, "--out",
-                               str(out), *flags], capture_output=True, text=True, timeout=600)
+        return _fit_subprocess(out, *flags, model=WIDE)
 
     roomy = fit(tmp_path / "roomy", "--memory-budget", "50GB")
     assert roomy.returncode == 0, roomy.stderr
