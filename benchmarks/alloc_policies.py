@@ -112,13 +112,25 @@ def main() -> None:
     runs: list[dict] = []
     for i in range(args.warmup):
         for method in args.methods:
-            run = measure(policies[0], method, common + METHODS[method])
+            try:
+                run = measure(policies[0], method, common + METHODS[method])
+            except Refused:
+                continue  # the rounds record it
             print(f"warm-up {i + 1} {method} ({policies[0]}): {run['wall_s']:.1f} s", flush=True)
     for r in range(args.rounds):
         order = ([(m, p) for m in args.methods for p in policies] if args.order == "methods-first"
                  else [(m, p) for p in policies for m in args.methods])
         for method, policy in order:
-            run = {"round": r, **measure(policy, method, common + METHODS[method])}
+            try:
+                run = {"round": r, **measure(policy, method, common + METHODS[method])}
+            except Refused as e:  # recorded once, and the other policies still run
+                refused = meta.setdefault("refused", {})
+                if f"{method} / {policy}" not in refused:
+                    refused[f"{method} / {policy}"] = str(e)
+                    print(f"round {r + 1}/{args.rounds} {method} {policy}: refused: {e}",
+                          flush=True)
+                write(args.out, meta, runs)
+                continue
             runs.append(run)
             print(f"round {r + 1}/{args.rounds} {method:<8} {policy:<17} "
                   f"wall {run['wall_s']:6.1f} s  user {run['user_s']:5.1f}  "
@@ -126,6 +138,10 @@ def main() -> None:
                   f"load {run['loadavg_before'][0]:.2f}", flush=True)
             write(args.out, meta, runs)
     print(write(args.out, meta, runs))
+
+
+class Refused(Exception):
+    """`edgetrain fit` refused the run's --memory-budget before training (exit 5)."""
 
 
 def measure(policy: str, method: str, flags: list[str]) -> dict:
@@ -141,7 +157,11 @@ def measure(policy: str, method: str, flags: list[str]) -> dict:
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode == 5:  # the planner refused the budget: a result, not a failure
+        shutil.rmtree(out, ignore_errors=True)
+        raise Refused(output.strip().splitlines()[-1] if output.strip() else "refused")
     if proc.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
         print(output[-4000:], file=sys.stderr)
         raise SystemExit(f"{method} under {policy} failed with exit code {proc.returncode}")
     report = json.loads((out / "run" / "report.json").read_text())
@@ -238,6 +258,9 @@ def write(out: Path, meta: dict, runs: list[dict]) -> str:
             f"flags; medians of {meta['rounds']} interleaved rounds after {meta['warmup']} "
             f"warm-up run(s) per method; {meta['machine']['cpus']} CPUs, "
             f"{meta['machine']['platform']}, started {meta['started']}.\n\n{table(summary)}\n")
+    for run, message in meta.get("refused", {}).items():
+        text += f"\n{run}: refused by the planner: {message}\n"
+
     (out / "results.md").write_text(text)
     return text
 
