@@ -452,7 +452,7 @@ def test_vs_e2e_is_set_against_the_e2e_run_of_the_same_budget():
 def test_a_preset_edited_to_vary_a_setting_keeps_its_finished_runs(tmp_path, monkeypatch):
     """A block given `vary = { seed = [0, 1] }` renames its seed-0 run (the label gains
     "seed0") but runs it with the same flags: a rerun into the same folder skips it and runs
-    seed 1 only. Runs are matched by their flags' digest, not their label."""
+    seed 1 only. Runs are matched by their settings' digest, not their label."""
     calls = []
 
     def fake_run(cmd, **kwargs):
@@ -476,6 +476,50 @@ def test_a_preset_edited_to_vary_a_setting_keeps_its_finished_runs(tmp_path, mon
     assert len(calls) == 2
     seed = calls[1][calls[1].index("--seed") + 1]
     assert seed == "1"
+
+
+def test_a_moved_default_reruns_the_runs_that_relied_on_it(tmp_path, monkeypatch):
+    """Run ids digest the resolved settings, not the flags: a preset that leaves tau out ran
+    with the default of its day, so a later edgetrain with another default reruns it (and says
+    so, keeping the earlier line); a preset that pins the value keeps its finished run, with or
+    without the flag written out."""
+    import dataclasses
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        write_fake_run(Path(cmd[cmd.index("--out") + 1]), fake_report(0.6))
+        return subprocess.CompletedProcess(cmd, 0, "test accuracy 60%", "")
+
+    monkeypatch.setattr(bench_runner, "subprocess", SimpleNamespace(run=fake_run))
+    base = ('name = "d"\ndescription = "d"\nestimate = "e"\n[fit]\n'
+            'dataset = "fashion-mnist-mini"\nepochs = 1\n{tau}'
+            '[[grid]]\nmethods = ["trgl"]\nmodules = [2]\nmodes = ["parallel"]\n')
+    (tmp_path / "default.toml").write_text(base.format(tau=""))
+    (tmp_path / "pinned.toml").write_text(base.format(tau="tau = 1.0\n"))
+    out = tmp_path / "bench"
+
+    def bench(name):
+        result = invoke("bench", "run", "--preset", str(tmp_path / name), "--out", str(out))
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    bench("default.toml")
+    assert "done before, skipped" in bench("pinned.toml")  # "--tau 1.0" is the same run
+    assert len(calls) == 1
+    # Another edgetrain, whose default tau is 2: the unpinned preset's run is stale.
+    real = bench_runner.to_fit_config
+    monkeypatch.setattr(bench_runner, "to_fit_config",
+                        lambda fit: dataclasses.replace(real(fit), tau=fit.get("tau", 2.0)))
+    output = bench("default.toml")
+    assert len(calls) == 2 and "--tau" not in calls[1]
+    assert "1 finished run(s)" in output and "ran with other settings" in output
+    assert "done before, skipped" in bench("pinned.toml")
+    lines = bench_runner.read_results(out / "results.jsonl")
+    assert [line["settings"]["tau"] for line in lines] == [1.0, 2.0]
+    assert len({line["run_id"] for line in lines}) == 2
+    assert all("out" not in line["settings"] for line in lines)  # where, not what
 
 
 def test_time_to_accuracy_table_sets_each_run_against_its_e2e_run(tmp_path):

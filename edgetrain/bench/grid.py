@@ -122,11 +122,29 @@ class RunSpec:
         parts += [f"{f.replace('_', '')}{self.fit[f]}" for f in self.varied if f in self.fit]
         return "-".join(parts)
 
-    def run_id(self, args: list[str]) -> str:
-        """The label plus a digest of the exact fit flags: a run is only skipped as finished if
-        it was run with the same flags (editing a preset or changing --device-profile reruns)."""
-        digest = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:8]
-        return f"{self.label}-{digest}"
+    def run_id(self, settings: dict) -> str:
+        """The label plus a digest of the run's resolved settings (``run_settings``): a run is
+        only skipped as finished if it ran with the same settings. Editing a preset, changing
+        --device-profile, or an edgetrain whose default changed (a preset that leaves tau out
+        meant tau 1 before 2026-11-30) reruns it; the label is only a name."""
+        text = json.dumps(settings, sort_keys=True)
+        return f"{self.label}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+NOT_SETTINGS = frozenset({"out", "overwrite", "resume", "allow_changes", "download"})
+"""FitConfig fields that say where a run is written and how it starts, not what it computes:
+left out of its id, so that `bench run` can give every run its own --out and --overwrite."""
+
+
+def run_settings(config: FitConfig) -> dict:
+    """Every setting a run computes with, defaults filled in, as JSON values.
+
+    A bench run passes `edgetrain fit` only the flags its preset sets; the rest are the defaults
+    of the edgetrain that runs it. Its id digests these resolved settings, not the flags, so a
+    finished run is never taken for a current one after a default moved under it. The cost: an
+    edgetrain that adds a setting reruns every finished run once (it cannot know that the runs
+    before the setting existed computed what its default computes)."""
+    return {k: v for k, v in config.to_dict().items() if k not in NOT_SETTINGS}
 
 
 def preset_names() -> list[str]:

@@ -35,6 +35,7 @@ from edgetrain.bench.grid import (
     explicit_fields,
     fit_args,
     load_preset,
+    run_settings,
     to_fit_config,
 )
 from edgetrain.errors import UserInputError
@@ -72,7 +73,9 @@ FINISHED = ("ok", "over_budget", "does_not_fit")
 class PlannedRun:
     spec: RunSpec
     args: list[str]
-    """`edgetrain fit` flags, without --out."""
+    """`edgetrain fit` flags, without --out: the fields the preset or profile sets."""
+    settings: dict
+    """Every setting the run computes with, defaults resolved (``run_settings``)."""
     run_id: str
     memory_budget: MemorySize | None
 
@@ -93,8 +96,9 @@ def plan(preset: Preset, profile: DeviceProfile | None = None,
         except (UserInputError, TypeError) as e:
             problems.append(f"run {spec.label}: {e}")
             continue
-        args = fit_args(config, explicit)
-        planned.append(PlannedRun(spec, args, spec.run_id(args), config.memory_budget))
+        settings = run_settings(config)
+        planned.append(PlannedRun(spec, fit_args(config, explicit), settings,
+                                  spec.run_id(settings), config.memory_budget))
     if problems:
         raise UserInputError([f"preset {preset.path}: {p}" for p in problems])
     return planned
@@ -149,10 +153,14 @@ def finished_ids(path: Path) -> set[str]:
     return {r["run_id"] for r in read_results(path) if r.get("status") in FINISHED}
 
 
-def flags_digest(run_id: str) -> str:
-    """The digest of a run's exact fit flags, the last part of its id (the label before it
-    is only a name: a preset edited to vary a setting renames its runs, not their flags)."""
+def settings_digest(run_id: str) -> str:
+    """The digest of a run's resolved settings, the last part of its id (the label before it
+    is only a name: a preset edited to vary a setting renames its runs, not their settings)."""
     return run_id.rsplit("-", 1)[-1]
+
+
+def label_of(run_id: str) -> str:
+    return run_id.rsplit("-", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -205,7 +213,8 @@ def run_bench(bench: Bench, out: Path, log: Callable[[str], None] = print,
 
 def _run_grid(bench: Bench, out: Path, log: Callable[[str], None], jobs: int) -> list[dict]:
     results = out / RESULTS
-    done = {flags_digest(run_id) for run_id in finished_ids(results)}
+    finished = finished_ids(results)
+    done = {settings_digest(run_id) for run_id in finished}
     context = {
         "preset": bench.preset.name,
         "device_profile": bench.profile.name if bench.profile else None,
@@ -215,10 +224,19 @@ def _run_grid(bench: Bench, out: Path, log: Callable[[str], None], jobs: int) ->
     todo = []
     for i, run in enumerate(bench.runs, 1):
         tag = f"[{i}/{len(bench.runs)}] {run.spec.label}"
-        if flags_digest(run.run_id) in done:  # the same flags finished before
+        if settings_digest(run.run_id) in done:  # the same settings finished before
             log(f"{tag}: done before, skipped")
         else:
             todo.append((tag, run))
+    # Finished lines under the labels about to run, with other settings: an edited preset, or
+    # runs from an edgetrain with other defaults (or one whose ids digested the flags). Kept
+    # in results.jsonl (nothing a bench wrote is dropped); the report shows both.
+    labels = {label_of(run.run_id) for _, run in todo}
+    stale = sorted(r for r in finished if label_of(r) in labels)
+    if stale:
+        log(f"{len(stale)} finished run(s) in {out} under these labels ran with other settings "
+            f"(an edited preset, or other defaults of an earlier edgetrain), e.g. {stale[0]}: "
+            "run again; the earlier lines stay in results.jsonl and the report shows both.")
     written = []
     # One writer appends to results.jsonl (this thread); the runs themselves are processes, so
     # threads only wait on them. With jobs > 1 the runs share the machine: accuracy and memory
@@ -268,6 +286,7 @@ def run_one(run: PlannedRun, run_dir: Path) -> dict:
         "cache": run.spec.cache,
         "fit_args": run.args,
         "config": run.spec.fit,
+        "settings": run.settings,
         # A relative budget (50%) has its bytes once fit resolved it: taken from the report.
         "memory_budget_bytes": (run.memory_budget.bytes or None) if run.memory_budget else None,
         "memory_budget": str(run.memory_budget) if run.memory_budget else None,
