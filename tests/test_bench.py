@@ -417,6 +417,14 @@ def test_fidelity_pairs_trgl_with_vanilla_by_seed(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plot_fidelity(results[:3], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+    # A TRGL run that left tau out ran with the default of its day: 1 for a line without its
+    # resolved settings (written before 2026-11-30), else the settings' own.
+    old, new = line("trgl", 0, 0.81), line("trgl", 0, 0.85)
+    new["settings"] = {"tau": 2.0, "seed": 0}
+    gaps = {g.cell["tau"]: g for g in paired_gaps(results[:3] + [old, new])}
+    assert sorted(gaps) == [1.0, 2.0]
+    assert gaps[1.0].differences == pytest.approx((1.0,))
+    assert gaps[2.0].differences == pytest.approx((5.0,))
 
 
 def test_vs_e2e_is_set_against_the_e2e_run_of_the_same_budget():

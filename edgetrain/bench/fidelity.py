@@ -57,6 +57,18 @@ class Gap:
         return self.mean - 2 * self.standard_error > 0
 
 
+LEGACY_TAU = 1.0
+"""edgetrain fit's default tau until 2026-11-30, when result lines began to keep their resolved
+settings: a line without either ran with it."""
+
+
+def _config(r: dict) -> dict:
+    """A result line's preset fields, with the tau it ran with (a default is resolved: a TRGL
+    run of an older edgetrain and one of today's that both leave tau out are different cells)."""
+    tau = r["config"].get("tau", r.get("settings", {}).get("tau", LEGACY_TAU))
+    return {**r["config"], "tau": tau} if r["method"] == "trgl" else r["config"]
+
+
 def _key(config: dict, drop: tuple[str, ...]) -> str:
     return json.dumps({k: v for k, v in config.items() if k not in drop}, sort_keys=True)
 
@@ -71,15 +83,15 @@ def paired_gaps(measured: list[dict]) -> list[Gap]:
     for r in measured:
         if r["method"] != "trgl":
             continue
-        seed = r["config"].get("seed", 0)
-        partner = vanilla.get(_key(r["config"], _NOT_CELL), {}).get(seed)
+        config = _config(r)
+        seed = config.get("seed", 0)
+        partner = vanilla.get(_key(config, _NOT_CELL), {}).get(seed)
         if partner is not None:
-            cells.setdefault(_key(r["config"], ("seed", "method")), []).append((seed, r,
-                                                                                 partner))
+            cells.setdefault(_key(config, ("seed", "method")), []).append((seed, r, partner))
     gaps = []
     for pairs in cells.values():
         pairs.sort(key=lambda p: p[0])
-        cell = {k: v for k, v in pairs[0][1]["config"].items() if k not in ("seed", "method")}
+        cell = {k: v for k, v in _config(pairs[0][1]).items() if k not in ("seed", "method")}
         trains = [p[2].get("train_accuracy") for p in pairs]
         trains = [t for t in trains if t is not None]
         gaps.append(Gap(
@@ -104,7 +116,7 @@ def fidelity_table(measured: list[dict]) -> list[str]:
              "*beyond spread*: mean − 2 standard errors > 0):", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for g in gaps:
-        tau = g.cell.get("tau", 1.0)
+        tau = g.cell["tau"]
         if g.cell.get("tau_schedule") == "multipliers":
             tau = "multipliers"
         row = [str(g.cell.get(f, "–")) for f in shown]
