@@ -149,6 +149,28 @@ def test_resume_refuses_a_different_run(tmp_path, reference):
     assert result.exit_code == 2 and "Choose one" in result.output
 
 
+def test_resume_of_a_run_started_under_the_old_default_tau(tmp_path, reference):
+    """A run an older edgetrain started without --tau ran at its default, 1 (config.json says
+    so); resumed by today's edgetrain (default 2) without --tau, it is refused, naming the
+    flag, both values and --allow-changes, and nothing in it changes; with --tau 1.0 it
+    resumes (finished: nothing to do)."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(reference(), old)
+    config = json.loads((old / "config.json").read_text())
+    assert config["tau"] == 2.0
+    (old / "config.json").write_text(json.dumps({**config, "tau": 1.0}, indent=2))
+    before = {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()}
+    result = CliRunner().invoke(app, ["fit", *ARGS, "--out", str(old), "--resume"],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "--tau 1.0 (now 2.0)" in result.output and "--allow-changes tau" in result.output
+    assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before
+    fit("--out", str(old), "--resume", "--tau", "1.0")
+    assert (old / "report.json").read_bytes() == before["report.json"]
+
+
 def test_resume_of_a_finished_run_changes_nothing(reference):
     ref = reference()
     before = (ref / "report.json").read_text()
