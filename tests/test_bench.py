@@ -323,6 +323,93 @@ def test_report_of_an_empty_folder_is_a_clean_error(tmp_path):
     assert result.exit_code == 2 and "results.jsonl" in result.output
 
 
+@pytest.mark.parametrize("name", ["results.md", "memory_vs_accuracy.png",
+                                  "accuracy_over_time.png", "fidelity.png"])
+def test_report_never_writes_through_a_planted_link(tmp_path, name):
+    """A link planted in a bench folder where the report writes a file is refused, naming it;
+    the file it points to keeps its bytes (the report used to write through it)."""
+    out = tmp_path / "bench"
+    hand_written_results(out)
+    victim = tmp_path / "precious.txt"
+    victim.write_text("mine")
+    (out / name).symlink_to(victim)
+    result = invoke("bench", "report", str(out))
+    assert result.exit_code == 2, result.output
+    assert "symbolic link" in result.output and name in result.output
+    assert victim.read_text() == "mine" and (out / name).is_symlink()
+
+
+def test_report_refuses_a_folder_of_the_users(tmp_path):
+    """A folder that holds a results.jsonl of the user's (not a bench's lines) and their own
+    results.md: refused, nothing written."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n')
+    (mine / "results.md").write_text("my notes")
+    result = invoke("bench", "report", str(mine))
+    assert result.exit_code == 2 and "did not write" in result.output, result.output
+    assert (mine / "results.md").read_text() == "my notes"
+    assert sorted(p.name for p in mine.iterdir()) == ["results.jsonl", "results.md"]
+
+
+def fidelity_results(folder: Path, method: str, seeds: list[int], accuracy: float,
+                     tau: float | None = None) -> None:
+    """A bench folder holding finished runs of one method (results.jsonl as `bench run`
+    writes it, plus its marker)."""
+    from edgetrain.runs.ownership import BENCH_KIND, mark_folder
+
+    mark_folder(folder, BENCH_KIND)
+    lines = []
+    for seed in seeds:
+        config = {"method": method, "modules": 4, "mode": "parallel", "seed": seed,
+                  **({"tau": tau} if tau else {})}
+        lines.append({"run_id": f"x-{method}-seed{seed}-{folder.name}", "status": "ok",
+                      "method": method, "modules": 4, "mode": "parallel", "cache": None,
+                      "config": config, "preset": folder.name, "dataset": "fashion-mnist",
+                      "model": "resnet32", "test_accuracy": accuracy + seed / 100,
+                      "train_accuracy": 0.99, "peak_memory_bytes": 700 * MiB,
+                      "training_memory_bytes": 100 * MiB, "wall_time_s": 60.0})
+    (folder / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_report_combines_several_benches_into_a_new_folder(tmp_path):
+    """Vanilla measured in one bench, TRGL in another: one table pairs them by seed. The
+    combined results go to a new or empty --out only; the sources are only read."""
+    a, b, both = tmp_path / "a", tmp_path / "b", tmp_path / "both"
+    fidelity_results(a, "vanilla", [0, 1, 2], 0.80)
+    fidelity_results(b, "trgl", [0, 1, 2], 0.82, tau=2.0)
+    sources = {p: p.read_bytes() for f in (a, b) for p in f.iterdir()}
+
+    result = invoke("bench", "report", str(a), str(b))
+    assert result.exit_code == 2 and "--out" in result.output
+    result = invoke("bench", "report", str(a), str(b), "--out", str(both))
+    assert result.exit_code == 0, result.output
+    table = (both / "results.md").read_text()
+    assert "# edgetrain bench: a + b" in table
+    assert "| 2.0 | 3 | 81.00% | 83.00% | +2.00 ± 0.00 | yes | 99.0% |" in table
+    combined = bench_runner.read_results(both / "results.jsonl")
+    assert [line["source"] for line in combined] == [str(a)] * 3 + [str(b)] * 3
+    assert (both / "fidelity.png").read_bytes().startswith(PNG_MAGIC)
+    assert {p: p.read_bytes() for f in (a, b) for p in f.iterdir()} == sources
+
+    # Never merged into, never written over: the same --out again, a source, a user's folder.
+    kept = (both / "results.jsonl").read_bytes()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for target in (both, a, mine):
+        result = invoke("bench", "report", str(a), str(b), "--out", str(target))
+        assert result.exit_code == 2 and str(target) in result.output, result.output
+    assert (both / "results.jsonl").read_bytes() == kept
+    assert {p: p.read_bytes() for f in (a, b) for p in f.iterdir()} == sources
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # A source without results names its results.jsonl, and nothing is created.
+    result = invoke("bench", "report", str(a), str(tmp_path / "none"), "--out",
+                    str(tmp_path / "new"))
+    assert result.exit_code == 2 and "results.jsonl" in result.output
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.slow
 def test_smoke_preset_end_to_end_and_resume(tmp_path, monkeypatch):
     """The real thing: 5 `edgetrain fit` subprocesses on 600 images, then a rerun that runs
@@ -493,6 +580,10 @@ def test_a_moved_default_reruns_the_runs_that_relied_on_it(tmp_path, monkeypatch
     without the flag written out."""
     import dataclasses
 
+    from edgetrain.config import FitConfig
+
+    default = FitConfig().tau
+    moved = default + 1.0
     calls = []
 
     def fake_run(cmd, **kwargs):
@@ -505,7 +596,7 @@ def test_a_moved_default_reruns_the_runs_that_relied_on_it(tmp_path, monkeypatch
             'dataset = "fashion-mnist-mini"\nepochs = 1\n{tau}'
             '[[grid]]\nmethods = ["trgl"]\nmodules = [2]\nmodes = ["parallel"]\n')
     (tmp_path / "default.toml").write_text(base.format(tau=""))
-    (tmp_path / "pinned.toml").write_text(base.format(tau="tau = 1.0\n"))
+    (tmp_path / "pinned.toml").write_text(base.format(tau=f"tau = {default}\n"))
     out = tmp_path / "bench"
 
     def bench(name):
@@ -514,18 +605,18 @@ def test_a_moved_default_reruns_the_runs_that_relied_on_it(tmp_path, monkeypatch
         return result.output
 
     bench("default.toml")
-    assert "done before, skipped" in bench("pinned.toml")  # "--tau 1.0" is the same run
+    assert "done before, skipped" in bench("pinned.toml")  # "--tau 2.0" is the same run
     assert len(calls) == 1
-    # Another edgetrain, whose default tau is 2: the unpinned preset's run is stale.
+    # Another edgetrain, whose default tau is another: the unpinned preset's run is stale.
     real = bench_runner.to_fit_config
     monkeypatch.setattr(bench_runner, "to_fit_config",
-                        lambda fit: dataclasses.replace(real(fit), tau=fit.get("tau", 2.0)))
+                        lambda fit: dataclasses.replace(real(fit), tau=fit.get("tau", moved)))
     output = bench("default.toml")
     assert len(calls) == 2 and "--tau" not in calls[1]
     assert "1 finished run(s)" in output and "ran with other settings" in output
     assert "done before, skipped" in bench("pinned.toml")
     lines = bench_runner.read_results(out / "results.jsonl")
-    assert [line["settings"]["tau"] for line in lines] == [1.0, 2.0]
+    assert [line["settings"]["tau"] for line in lines] == [default, moved]
     assert len({line["run_id"] for line in lines}) == 2
     assert all("out" not in line["settings"] for line in lines)  # where, not what
 

@@ -20,6 +20,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgetrain.runs.files import write_figure_atomic
+
 _NOT_CELL = ("seed", "method", "tau", "tau_schedule", "out", "overwrite", "resume")
 _SHOWN = ("dataset", "train_limit", "model", "modules", "mode", "epochs", "lr_schedule", "lr",
           "init", "shortcut", "laps")
@@ -161,6 +163,6 @@ def plot_fidelity(measured: list[dict], path: Path) -> bool:
     ax.set_title("TRGL against vanilla greedy, paired by seed\n(dots: seeds; diamond: mean "
                  "± 2 standard errors)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(fig, path)
     plt.close(fig)
     return True

@@ -9,14 +9,18 @@ budget has to hold.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgetrain.bench.curves import Point, run_curve, time_to
 from edgetrain.bench.fidelity import FIDELITY_PLOT, fidelity_table, plot_fidelity
-from edgetrain.bench.runner import FINISHED, RESULTS, read_results
+from edgetrain.bench.runner import FINISHED, RESULTS, bench_folder_problem, read_results
 from edgetrain.errors import UserInputError
+from edgetrain.runs.files import write_figure_atomic, write_text_atomic
+from edgetrain.runs.lock import LOCK_FILE, RunLock
+from edgetrain.runs.ownership import BENCH_KIND, mark_folder
 from edgetrain.units import format_bytes
 
 TABLE = "results.md"
@@ -70,21 +74,59 @@ class ReportFiles:
     """Runs whose latest attempt failed."""
 
 
-def write_report(out: Path) -> ReportFiles:
-    """Rebuild OUT/results.md and OUT/memory_vs_accuracy.png from OUT/results.jsonl."""
+def write_report(out: Path, flag: str = "--out") -> ReportFiles:
+    """Rebuild OUT/results.md and OUT/memory_vs_accuracy.png from OUT/results.jsonl.
+
+    OUT must be a folder a bench wrote (marked, or reading as bench results): the table and
+    plots replace files of those names, so a folder of the user's is refused, and so is a link
+    planted at one of the names (every file is written whole, by rename, never through a link).
+    """
+    if problem := bench_folder_problem(out, flag):
+        raise UserInputError(problem)
     lines = read_results(out / RESULTS)
     if not lines:
         raise UserInputError(f"{out / RESULTS} has no results: run `edgetrain bench run --out "
                              f"{out}` first, or give the folder a bench wrote.")
     results = latest_results(lines)
     table_path, plot_path = out / TABLE, out / PLOT
-    table_path.write_text(markdown_report(results))
+    write_text_atomic(table_path, markdown_report(results))
     plot_memory_vs_accuracy(results, plot_path)
     # A fidelity grid (TRGL and vanilla paired by seed) also gets its gaps plotted.
     plot_fidelity([r for r in results if _measured(r)], out / FIDELITY_PLOT)
     plot_accuracy_over_time([r for r in results if _measured(r)], out / TIME_PLOT)
     finished = sum(r["status"] in FINISHED for r in results)
     return ReportFiles(table_path, plot_path, finished, len(results) - finished)
+
+
+def combine_results(sources: list[Path], out: Path) -> ReportFiles:
+    """Several benches' results in one folder: OUT/results.jsonl holds every line of every
+    source (each marked with its ``source`` folder), and the table and plots are built from
+    them, so cells measured in different benches (a sweep run in parts, on several machines)
+    are compared in one table: a TRGL run of one is paired with the vanilla run of another.
+
+    OUT must be new or empty: a folder with results of its own is refused, not merged into, so
+    that nothing a bench wrote is replaced. The sources are only read."""
+    lines = []
+    for source in sources:
+        found = read_results(source / RESULTS)
+        if not found:
+            raise UserInputError(f"{source / RESULTS} has no results: give folders that "
+                                 "`edgetrain bench run` wrote.")
+        lines += [{**line, "source": line.get("source", str(source))} for line in found]
+    if problem := bench_folder_problem(out):
+        raise UserInputError(problem)
+    if out.exists() and [n for n in os.listdir(out) if n != LOCK_FILE]:
+        raise UserInputError(f"--out {out} is not empty: combined results go to a new or empty "
+                             "folder (one that holds results already is never merged into or "
+                             "written over). Choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, "--out"):
+        if [n for n in os.listdir(out) if n != LOCK_FILE]:  # again, under the lock
+            raise UserInputError(f"--out {out} is not empty any more: choose another --out.")
+        mark_folder(out, BENCH_KIND)
+        write_text_atomic(out / RESULTS,
+                          "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
+        return write_report(out)
 
 
 _SET_BY_GRID = {"method", "modules", "mode", "cache", "out", "overwrite", "extra",
@@ -127,6 +169,19 @@ def _cell(value: object) -> str:
 _STATUS = {"ok": "ok", "over_budget": "over budget", "does_not_fit": "does not fit"}
 
 
+def presets_of(results: list[dict]) -> str:
+    """The preset, or the presets of results combined from several benches."""
+    return " + ".join(dict.fromkeys(str(r.get("preset")) for r in results))
+
+
+def _machine(r: dict) -> str:
+    machine = r.get("machine") or {}
+    gpus = ", ".join(g["name"] for g in machine.get("gpus", [])) or "none"
+    return (f"{machine.get('board') or machine.get('cpu')}, "
+            f"{format_bytes(machine.get('memory_bytes', 0))} RAM, GPU: {gpus}, "
+            f"torch {machine.get('torch')}")
+
+
 def markdown_report(results: list[dict]) -> str:
     ok = [r for r in results if _measured(r)]
     varied = varied_settings(results)
@@ -136,12 +191,10 @@ def markdown_report(results: list[dict]) -> str:
             baselines.setdefault(_baseline_key(r, varied), r["training_memory_bytes"])
     datasets = {_group(r)[0] for r in results}
     head = results[0]
-    machine = head.get("machine") or {}
-    gpus = ", ".join(g["name"] for g in machine.get("gpus", [])) or "none"
-    out = [f"# edgetrain bench: {head.get('preset')}", ""]
-    out.append(f"Machine: {machine.get('board') or machine.get('cpu')}, "
-               f"{format_bytes(machine.get('memory_bytes', 0))} RAM, GPU: {gpus}, "
-               f"torch {machine.get('torch')}.")
+    machines = list(dict.fromkeys(_machine(r) for r in results))
+    out = [f"# edgetrain bench: {presets_of(results)}", ""]
+    out.append(("Machine: " if len(machines) == 1 else "Machines (results combined from "
+                "several benches): ") + "; ".join(machines) + ".")
     if head.get("device_profile"):
         how = ("simulated on this machine: the profile's budget and cache dtype were applied "
                "here, the numbers are this machine's" if head.get("simulated")
@@ -347,12 +400,12 @@ def plot_memory_vs_accuracy(results: list[dict], path: Path) -> None:
         if runs:
             ax.legend(fontsize=8, loc="best")  # where it hides fewest points
     profile = results[0].get("device_profile") if results else None
-    title = f"edgetrain bench: {results[0].get('preset') if results else ''}"
+    title = f"edgetrain bench: {presets_of(results) if results else ''}"
     if profile:
         title += f", profile {profile}" + (" (simulated)" if results[0].get("simulated") else "")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(fig, path)
     plt.close(fig)
 
 
@@ -402,6 +455,6 @@ def plot_accuracy_over_time(measured: list[dict], path: Path) -> bool:
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("accuracy over time (thin lines: each e2e run's final accuracy)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(fig, path)
     plt.close(fig)
     return True

@@ -143,10 +143,10 @@ def _reads_as_bench_results(folder: Path) -> bool:
         return False
 
 
-def bench_folder_problem(out: Path) -> str | None:
-    """Why `bench run --out` cannot write to ``out`` (a user's folder), or None."""
-    return output_folder_problem("--out", out, BENCH_KIND, BENCH_LAYOUT,
-                                 _reads_as_bench_results)
+def bench_folder_problem(out: Path, flag: str = "--out") -> str | None:
+    """Why `bench run --out` (or `bench report`, ``flag`` its argument) cannot write to ``out``
+    (a user's folder, a link planted where the table or a plot goes), or None."""
+    return output_folder_problem(flag, out, BENCH_KIND, BENCH_LAYOUT, _reads_as_bench_results)
 
 
 def finished_ids(path: Path) -> set[str]:

@@ -142,13 +142,23 @@ def bench_run(
 
 @bench_app.command("report")
 def bench_report(
-    out: Annotated[Path, typer.Argument(help="A folder `edgetrain bench run` wrote.")],
+    folders: Annotated[list[Path], typer.Argument(
+        help="A folder `edgetrain bench run` wrote, or several to combine (with --out).",
+        metavar="FOLDER", show_default=False)],
+    out: Annotated[Path | None, typer.Option(
+        help="Combine the folders' results here: a new or empty folder gets their results.jsonl, "
+             "table and plots (the folders are only read).")] = None,
 ) -> None:
-    """Rebuild OUT/results.md and OUT/memory_vs_accuracy.png from OUT/results.jsonl."""
-    from edgetrain.bench.report import write_report
+    """Rebuild FOLDER/results.md and the plots from FOLDER/results.jsonl; or, with --out, build
+    one table from several benches (a sweep run in parts, or on several machines)."""
+    from edgetrain.bench.report import combine_results, write_report
 
+    if out is None and len(folders) > 1:
+        _fail(f"{len(folders)} folders given: to combine them into one table, name a new "
+              "folder for it with --out.", code=2)
     try:
-        report = write_report(out)
+        report = write_report(folders[0], "FOLDER") if out is None else combine_results(
+            folders, out)
     except UserInputError as e:
         _fail(str(e), code=2)
     _show(report)

@@ -62,6 +62,7 @@ from edgetrain.onnx.graphs import (
 from edgetrain.onnx.runtime import training_api
 from edgetrain.paths import path_problem, shown
 from edgetrain.records import RecordError
+from edgetrain.runs.files import write_text_atomic
 from edgetrain.runs.lock import LOCK_FILE, RunLock
 from edgetrain.runs.ownership import (
     ARTIFACTS_KIND,
@@ -298,8 +299,8 @@ def _build_artifacts(ort, folder: Path, k: int, module: nn.Module, head: nn.Modu
         state = ort.CheckpointState.load_checkpoint(str(paths.checkpoint))
         session = ort.Module(str(paths.training_model), state)
         ort.Optimizer(str(paths.optimizer_model), session)
-    (folder / "artifacts.json").write_text(json.dumps(description, indent=2) + "\n")
-    (folder / "README.txt").write_text(readme_text(description))
+    write_text_atomic(folder / "artifacts.json", json.dumps(description, indent=2) + "\n")
+    write_text_atomic(folder / "README.txt", readme_text(description))
     return description
 
 

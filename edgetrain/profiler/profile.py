@@ -22,7 +22,7 @@ from pathlib import Path
 from edgetrain.errors import UserInputError
 from edgetrain.memory import allocator
 from edgetrain.records import RecordError, read_json_object
-from edgetrain.runs.files import write_json_atomic
+from edgetrain.runs.files import write_figure_atomic, write_json_atomic
 from edgetrain.runs.ownership import (
     PROFILE_KIND,
     PROFILE_LAYOUT,
@@ -178,5 +178,5 @@ def plot(data: dict, path: Path) -> None:
     ax.set_ylabel("MiB above framework + data")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure_atomic(fig, path)
     plt.close(fig)

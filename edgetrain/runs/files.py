@@ -9,6 +9,7 @@ bench driver can use it without loading a framework.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import tempfile
@@ -74,6 +75,14 @@ def append_line(path: Path, line: str, sync: bool = False) -> None:
         f.flush()
         if sync:
             os.fsync(fd)
+
+
+def write_figure_atomic(fig, path: Path, dpi: int = 120) -> None:
+    """A matplotlib figure as a PNG at ``path``, written whole or not at all, and never through
+    a link planted at ``path`` (``savefig(path)`` would follow it and write over its target)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -263,6 +263,7 @@ ARTIFACTS_LAYOUT = Layout(files=(*(re.escape(n) for n in ARTIFACT_FILES),
 """Everything `edgetrain export-artifacts` writes in its --out folder."""
 
 BENCH_LAYOUT = Layout(files=(r"results\.jsonl", r"results\.md", r"memory_vs_accuracy\.png",
+                             r"accuracy_over_time\.png", r"fidelity\.png",
                              re.escape(BENCH_MARKER)), dirs={"runs": Layout()})
 """What `edgetrain bench run` writes in its --out folder (runs/ holds one run folder per run)."""
 PROFILE_LAYOUT = Layout(files=(r"profile\.json", r"profile\.png", re.escape(PROFILE_MARKER)))
