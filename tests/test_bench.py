@@ -340,16 +340,21 @@ def test_report_never_writes_through_a_planted_link(tmp_path, name):
 
 
 def test_report_refuses_a_folder_of_the_users(tmp_path):
-    """A folder that holds a results.jsonl of the user's (not a bench's lines) and their own
-    results.md: refused, nothing written."""
+    """A folder of the user's, with their own results.md: refused, nothing written. Its
+    results.jsonl (not a bench's lines) is named by line; without one, the folder is named as
+    not edgetrain's."""
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "results.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n')
     (mine / "results.md").write_text("my notes")
     result = invoke("bench", "report", str(mine))
+    assert result.exit_code == 2 and "results.jsonl line 1" in result.output, result.output
+    (mine / "results.jsonl").unlink()
+    (mine / "data.csv").write_text("1,2\n")
+    result = invoke("bench", "report", str(mine))
     assert result.exit_code == 2 and "did not write" in result.output, result.output
     assert (mine / "results.md").read_text() == "my notes"
-    assert sorted(p.name for p in mine.iterdir()) == ["results.jsonl", "results.md"]
+    assert sorted(p.name for p in mine.iterdir()) == ["data.csv", "results.md"]
 
 
 def fidelity_results(folder: Path, method: str, seeds: list[int], accuracy: float,

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from edgetrain.cli import app
+from edgetrain.config import FitConfig
 from edgetrain.runs.weights import load_weights
 
 TINY = ["--model", "resnet8", "--widths", "8,16,16", "--modules", "2", "--epochs", "2",
@@ -57,7 +58,8 @@ def test_fit_each_method_and_mode(tmp_path, extra):
         assert report["modules"][-1]["aux_test_accuracy"] == pytest.approx(
             report["test_accuracy"], abs=0.02)
         taus = [m["tau"] for m in report["modules"]]
-        assert taus == ([0.5, 1.0] if method == "trgl" else [float("inf")] * 2)
+        tau = FitConfig().tau  # the default, halved for the first half of the modules
+        assert taus == ([tau / 2, tau] if method == "trgl" else [float("inf")] * 2)
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
               if json.loads(line)["event"] == "epoch"]
     assert len(epochs) == (2 if method == "e2e" else 4)

@@ -293,10 +293,8 @@ def test_bench_run_never_writes_over_a_users_folder(tmp_path, monkeypatch):
 
 
 def test_bench_report_checks_every_field_it_uses(tmp_path):
-    from edgetrain.runs.ownership import BENCH_KIND, mark_folder
-
     out = tmp_path / "bench"
-    mark_folder(out, BENCH_KIND)  # a bench's own folder: its damaged lines are named
+    out.mkdir()
     (out / "results.jsonl").write_text(json.dumps({"run_id": "x", "status": "failed"}) + "\n")
     refused(invoke("bench", "report", str(out)), 2, "results.jsonl line 1", "'method'")
     line = {"run_id": "x", "status": "failed", "method": "trgl", "config": {},

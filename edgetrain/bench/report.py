@@ -82,6 +82,9 @@ def write_report(out: Path, flag: str = "--out") -> ReportFiles:
     planted at one of the names (every file is written whole, by rename, never through a link).
     """
     if problem := bench_folder_problem(out, flag):
+        results = out / RESULTS
+        if results.is_file() and not results.is_symlink():
+            read_results(results)  # a bench's damaged file (not marked: older): name its line
         raise UserInputError(problem)
     lines = read_results(out / RESULTS)
     if not lines:

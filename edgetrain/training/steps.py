@@ -28,7 +28,8 @@ class NonFiniteLossError(RuntimeError):
             f"{what} at {at}{f' ({detail})' if detail else ''}. Training stopped; nothing "
             "diverged was saved, and modules finished before it are kept in the run folder. "
             "To train it again with a smaller learning rate: the same command with --resume "
-            "--lr SMALLER --allow-changes lr (or a larger --tau with --allow-changes tau)."
+            "--lr SMALLER --allow-changes lr (with TRGL, another --tau may help too: "
+            "--allow-changes tau)."
         )
         self.module, self.epoch, self.step = module, epoch, step
 
