@@ -517,6 +517,15 @@ def test_fidelity_pairs_trgl_with_vanilla_by_seed(tmp_path):
     assert sorted(gaps) == [1.0, 2.0]
     assert gaps[1.0].differences == pytest.approx((1.0,))
     assert gaps[2.0].differences == pytest.approx((5.0,))
+    # The table names the schedule where it is not the default (halved).
+    from edgetrain.bench.fidelity import fidelity_table
+
+    const, mult = line("trgl", 0, 0.84, 2.0), line("trgl", 0, 0.83)
+    const["config"]["tau_schedule"] = "constant"
+    mult["config"]["tau_schedule"] = "multipliers"
+    rows = [r.split(" | ")[0] for r in fidelity_table(results[:3] + [new, const, mult])
+            if r.startswith("| ") and not r.startswith("| tau")]
+    assert rows == ["| 2.0", "| 2.0 constant", "| multipliers"]
 
 
 def test_vs_e2e_is_set_against_the_e2e_run_of_the_same_budget():

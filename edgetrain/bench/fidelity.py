@@ -106,6 +106,15 @@ def paired_gaps(measured: list[dict]) -> list[Gap]:
     return gaps
 
 
+def _penalty(cell: dict) -> str:
+    """The penalty of a cell as the table shows it: tau (the halved schedule, the default),
+    "tau constant", or "multipliers" (no tau)."""
+    schedule = cell.get("tau_schedule")
+    if schedule == "multipliers":
+        return "multipliers"
+    return f"{cell['tau']} constant" if schedule == "constant" else str(cell["tau"])
+
+
 def fidelity_table(measured: list[dict]) -> list[str]:
     """Markdown: one row per cell; empty if no TRGL run has a vanilla partner."""
     gaps = paired_gaps(measured)
@@ -118,9 +127,7 @@ def fidelity_table(measured: list[dict]) -> list[str]:
              "*beyond spread*: mean − 2 standard errors > 0):", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for g in gaps:
-        tau = g.cell["tau"]
-        if g.cell.get("tau_schedule") == "multipliers":
-            tau = "multipliers"
+        tau = _penalty(g.cell)
         row = [str(g.cell.get(f, "–")) for f in shown]
         spread = f" ± {g.std:.2f}" if len(g.differences) > 1 else ""
         beyond = {True: "yes", False: "no", None: "–"}[g.beyond_spread]
