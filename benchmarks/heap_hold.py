@@ -36,8 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hold", action=argparse.BooleanOptionalAction, default=True)
     hold = parser.parse_args().hold
-    allocator.release_to_os()
-    meter._CLEAR_REFS.write_text("5")
+    peak_meter = meter.MemoryMeter(torch.device("cpu"))
+    peak_meter.reset()  # freed memory given back, the peak (VmHWM) restarted from here
     start = meter.current_rss_bytes()
     held = allocator.hold_heap_to(start + 64 * MiB, start) if hold else None
     keep, holes = [], []
@@ -46,7 +46,7 @@ def main() -> None:
         keep.append(touch(torch.empty(64 * 1024)))     # 256 KiB, kept
     del holes
     big = touch(torch.empty(10 * MiB))                 # 40 MiB: fits in no hole
-    peak = meter._read_status_kib("VmHWM") - start
+    peak = peak_meter.read().peak_bytes - start
     try:
         touch(torch.empty(25 * MiB))                   # 100 MiB: over what the budget leaves
         refused = None

@@ -9,7 +9,6 @@ budget has to hold.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ from edgetrain.bench.fidelity import FIDELITY_PLOT, fidelity_table, plot_fidelit
 from edgetrain.bench.runner import FINISHED, RESULTS, bench_folder_problem, read_results
 from edgetrain.errors import UserInputError
 from edgetrain.runs.files import write_figure_atomic, write_text_atomic
-from edgetrain.runs.lock import LOCK_FILE, RunLock
-from edgetrain.runs.ownership import BENCH_KIND, mark_folder
+from edgetrain.runs.lock import RunLock
+from edgetrain.runs.ownership import BENCH_KIND, folder_entries, mark_folder
 from edgetrain.units import format_bytes
 
 TABLE = "results.md"
@@ -118,13 +117,13 @@ def combine_results(sources: list[Path], out: Path) -> ReportFiles:
         lines += [{**line, "source": line.get("source", str(source))} for line in found]
     if problem := bench_folder_problem(out):
         raise UserInputError(problem)
-    if out.exists() and [n for n in os.listdir(out) if n != LOCK_FILE]:
+    if out.exists() and folder_entries(out):
         raise UserInputError(f"--out {out} is not empty: combined results go to a new or empty "
                              "folder (one that holds results already is never merged into or "
                              "written over). Choose another --out.")
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, "--out"):
-        if [n for n in os.listdir(out) if n != LOCK_FILE]:  # again, under the lock
+        if folder_entries(out):  # again, under the lock
             raise UserInputError(f"--out {out} is not empty any more: choose another --out.")
         mark_folder(out, BENCH_KIND)
         write_text_atomic(out / RESULTS,

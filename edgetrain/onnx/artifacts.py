@@ -68,6 +68,7 @@ from edgetrain.runs.ownership import (
     ARTIFACTS_KIND,
     ARTIFACTS_LAYOUT,
     ARTIFACTS_MARKER,
+    folder_entries,
     protected_folder_problem,
     read_marker,
     write_marker,
@@ -250,7 +251,7 @@ def _check_artifacts_out(out: Path) -> None:
         raise UserInputError(problem)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} is a file. Choose a folder.")
-    if not out.exists() or not [n for n in os.listdir(out) if n != LOCK_FILE]:
+    if not out.exists() or not folder_entries(out):
         return
     try:
         marker = read_marker(out, ARTIFACTS_KIND)

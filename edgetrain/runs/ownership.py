@@ -270,6 +270,11 @@ PROFILE_LAYOUT = Layout(files=(r"profile\.json", r"profile\.png", re.escape(PROF
 """What `edgetrain profile` writes in its --out folder."""
 
 
+def folder_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that count as content (the lock file of an aborted claim does not)."""
+    return [name for name in os.listdir(folder) if name != LOCK_FILE]
+
+
 def output_folder_problem(flag: str, folder: Path, kind: str, layout: Layout,
                           written_before_markers=None) -> str | None:
     """Why ``folder`` cannot take the outputs of ``kind`` (a bench, a profile), or None.
@@ -285,7 +290,7 @@ def output_folder_problem(flag: str, folder: Path, kind: str, layout: Layout,
         return problem
     if folder.exists() and not folder.is_dir():
         return f"{flag} {shown(folder)} is a file, not a folder. Choose another {flag}."
-    if not folder.exists() or not [n for n in os.listdir(folder) if n != LOCK_FILE]:
+    if not folder.exists() or not folder_entries(folder):
         return None
     try:
         if read_marker(folder, kind) is not None:

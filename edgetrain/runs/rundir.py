@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from edgetrain.runs.ownership import (
     RUN_LAYOUT,
     RUN_MARKER,
     Marker,
+    folder_entries,
     protected_folder_problem,
     read_marker,
     write_marker,
@@ -178,11 +178,6 @@ def check_module_record(f: Fields, num_modules: int | None = None) -> int:
     return k
 
 
-def _entries(folder: Path) -> list[str]:
-    """Names in ``folder`` that count as content (the lock file of an aborted claim does not)."""
-    return [name for name in os.listdir(folder) if name != LOCK_FILE]
-
-
 def _not_a_run(flag: str, out: Path, action: str) -> str:
     if (out / CONFIG).exists():
         return (f"{flag} {shown(out)} holds a config.json but no {RUN_MARKER}: it was written "
@@ -201,7 +196,7 @@ def check_new_run(out: Path, overwrite: bool) -> None:
         raise UserInputError(problem)
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {shown(out)} is a file, not a folder. Choose another --out.")
-    if not out.exists() or not _entries(out):
+    if not out.exists() or not folder_entries(out):
         return
     if read_marker(out, RUN_KIND) is None:
         raise UserInputError(_not_a_run("--out", out, "replaces"))
@@ -279,7 +274,7 @@ def open_for_resume(out: Path) -> tuple[RunDir, RunLock, Marker]:
     except RecordError as e:
         raise UserInputError(f"--resume: {e}") from None
     if marker is None:
-        if not _entries(out):
+        if not folder_entries(out):
             raise UserInputError(
                 f"--resume: {shown(out)} holds no edgetrain run (it is empty). Check --out, or "
                 "start a new run without --resume.")
